@@ -1,0 +1,39 @@
+# gristmill: `make demo` runs the whole pipeline on the built-in corpus; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Models are trained from scratch or loaded from a path: never fetch from a hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+# torch is pinned to 2.13.0, whose CPU wheel this project's machines keep on disk (pip finds it
+# there first). Elsewhere, point TORCH_INDEX at PyTorch's CPU wheel index to avoid the
+# multi-GB CUDA build, e.g. `make install TORCH_INDEX="--index-url <your cpu wheel index>"`.
+TORCH_INDEX ?=
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (gristmill needs Python 3.11)" >&2; exit 2; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_INDEX) "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/gristmill run data_specs/python_docs.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/dedup.py
+
+clean:
+	rm -rf .gristmill

@@ -1,0 +1,1 @@
+"""The typed run spec and the shipped YAML specs (`python_docs.yaml`, `tiny.yaml`)."""

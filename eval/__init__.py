@@ -1,0 +1,1 @@
+"""Evaluation: the RAG baseline, answerers, metrics and the report (built by the eval stage)."""

@@ -1,0 +1,1 @@
+"""Prefect flows that only wire stages, and the `gristmill` command line."""

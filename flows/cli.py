@@ -1,0 +1,159 @@
+"""The `gristmill` command line.
+
+    gristmill run SPEC [--store DIR_OR_URL] [--until STAGE | --only STAGE] [--force STAGE ...]
+    gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--json]
+
+Exit codes: 0 success; 2 bad input (spec, files, stage names), with a message naming the file,
+field or line; 1 a stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from data_specs.spec import RunSpec, load_spec
+from tasks.errors import InputError, StageError
+from tasks.registry import get_stage, stage_names
+from tasks.runner import PlannedStage, plan, select
+from tasks.store import ArtifactStore
+
+DEFAULT_STORE = ".gristmill"
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _offline_defaults() -> None:
+    """Nothing downloads weights or datasets from a hub at run time."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def resolve_store(spec: RunSpec, flag: str | None) -> ArtifactStore:
+    """`--store`, else the spec's `store:` (relative to the spec file), else ./.gristmill."""
+    if flag:
+        return ArtifactStore(flag)
+    if spec.store:
+        is_url = "://" in spec.store
+        return ArtifactStore(spec.store if is_url else spec.resolve(spec.store))
+    return ArtifactStore(DEFAULT_STORE)
+
+
+def _print_plan(rows: Sequence[PlannedStage], out=sys.stdout) -> None:
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        state = "cached" if r.cached else f"build  ({r.reason})"
+        print(f"  {r.name:<{width}}  {r.fingerprint}  {state}", file=out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Prints every stage's fingerprint, whether it is cached, and why not."""
+    spec = load_spec(args.spec)
+    store = resolve_store(spec, args.store)
+    rows = plan(spec, store, force=args.force)
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+    else:
+        print(f"plan for {spec.name} ({args.spec}), store {store.url}")
+        _print_plan(rows)
+    return EXIT_OK
+
+
+def _check_upstream(chosen: Sequence[PlannedStage], rows: Sequence[PlannedStage], store: ArtifactStore, spec_path: str) -> None:
+    """With --only, every stage the chosen one reads must already be in the store."""
+    names = {r.name for r in chosen}
+    by_name = {r.name: r for r in rows}
+    for item in chosen:
+        for need in get_stage(item.name).needs:
+            if need not in names and not by_name[need].cached:
+                raise InputError(
+                    f"--only {item.name}: its upstream stage {need!r} has no artifact for this spec in {store.url} "
+                    f"({by_name[need].reason}); run `gristmill run {spec_path} --until {need}` first"
+                )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Runs the pipeline (or part of it) through Prefect and prints each stage's artifact."""
+    spec = load_spec(args.spec)
+    store = resolve_store(spec, args.store)
+    if args.only and args.until:
+        raise InputError("--only and --until cannot be used together")
+    rows = plan(spec, store, force=args.force)
+    chosen = select(rows, until=args.until, only=args.only)
+    _check_upstream(chosen, rows, store, args.spec)
+    print(f"run {spec.name} ({args.spec}), store {store.url}")
+    _print_plan(chosen)
+
+    from flows.pipeline import pipeline  # Prefect is imported only when something runs
+
+    forced = sorted(r.name for r in chosen if r.reason.startswith("forced"))
+    results = pipeline(spec, store.url, chosen, forced)
+    print("done:")
+    width = max(len(r.name) for r in results)
+    for r in results:
+        print(f"  {r.name:<{width}}  {r.state:<6}  {r.path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gristmill", description="From a team's documents to a trained model "
+                                     "and a RAG-vs-fine-tune verdict. Stages: " + ", ".join(stage_names()))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="run spec (YAML); relative paths in it are relative to its folder")
+        p.add_argument("--store", metavar="DIR_OR_URL",
+                       help=f"artifact store: a folder or an fsspec URL (default: the spec's store:, else ./{DEFAULT_STORE})")
+        p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                       help="rebuild these stages (and the stages that read them) even if cached")
+
+    run = sub.add_parser("run", help="run the pipeline; prints each stage's state and artifact path")
+    common(run)
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs what it needs)")
+    run.add_argument("--only", metavar="STAGE", help="run just this stage on cached upstream artifacts")
+    run.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="dry run: each stage's fingerprint, cached or not, and why")
+    common(pl)
+    pl.add_argument("--json", action="store_true",
+                    help="print a JSON list of {stage, fingerprint, cached, reason, path}")
+    pl.set_defaults(func=cmd_plan)
+    return parser
+
+
+def _setup_logging() -> None:
+    """gristmill's own progress lines on stderr; Prefect keeps its own handlers."""
+    logger = logging.getLogger("gristmill")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s gristmill %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gristmill` command; returns the exit code."""
+    _offline_defaults()
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"gristmill: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StageError as e:
+        print(f"gristmill: {e}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    except KeyboardInterrupt:
+        print("gristmill: interrupted; completed stages are kept and reused on the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

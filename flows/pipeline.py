@@ -1,0 +1,68 @@
+"""Prefect flows that wire the stages; all logic lives in tasks/.
+
+`pipeline` runs the planned stages in order, one Prefect task each. Prefect sees the same
+cache key as the store (`StoreCachePolicy`), so its UI shows reused stages as Cached; the
+store stays the source of truth: a stage whose artifact is missing from the store is always
+re-run (`refresh_cache`), whatever Prefect remembers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
+
+from data_specs.spec import RunSpec
+from tasks.runner import PlannedStage, StageResult, execute
+from tasks.store import ArtifactStore
+
+
+@dataclass
+class StoreCachePolicy(CachePolicy):
+    """Prefect's cache key for a stage: its fingerprint, scoped to the store it lives in."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        item: PlannedStage = inputs["item"]
+        store = hashlib.sha256(inputs["store_url"].encode()).hexdigest()[:12]
+        return f"gristmill-{item.name}-{item.fingerprint}-{store}"
+
+
+def result_storage(store: ArtifactStore) -> Path | str:
+    """Prefect's cache records live beside the artifacts, so they travel (and vanish) with them.
+
+    Prefect wants remote result storage as a saved block: one named after the store URL.
+    """
+    if store.is_local:
+        return Path(store.root) / ".prefect"
+    name = "gristmill-" + hashlib.sha256(store.url.encode()).hexdigest()[:12]
+    RemoteFileSystem(basepath=f"{store.url}/.prefect").save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+@task(cache_policy=StoreCachePolicy(), persist_result=True, task_run_name="{item.name}")
+def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False) -> StageResult:
+    """Builds one stage's artifact unless the store has it (tasks/runner.py does the work)."""
+    return execute(item, spec, ArtifactStore(store_url), force=force)
+
+
+@flow(name="gristmill-pipeline", log_prints=True)
+def pipeline(spec: RunSpec, store_url: str, stages: list[PlannedStage], forced: list[str]) -> list[StageResult]:
+    """Runs the given planned stages in order against one store."""
+    storage = result_storage(ArtifactStore(store_url))
+    results = []
+    for item in stages:
+        rebuild = item.name in forced
+        stage_task = run_stage.with_options(
+            result_storage=storage,
+            # Not in the store (or forced): run it, and record the fresh result under the key.
+            refresh_cache=rebuild or not item.cached,
+        )
+        results.append(stage_task(item, spec, store_url, force=rebuild))
+    return results

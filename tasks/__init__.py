@@ -1,0 +1,1 @@
+"""gristmill stages (one module each) and the shared machinery they run on."""

@@ -1,0 +1,165 @@
+"""ingest: reads the corpus sources, normalises the text, applies the filters.
+
+Reads:   the spec's `corpus` section and the files its sources name (by content).
+Writes:  documents/*.jsonl.gz (datatrove JSONL: id, text, metadata.source/where) and
+         rejects/*.jsonl.gz (every record not kept, with metadata.filter_reason and its raw
+         content), so nothing the user gave is silently dropped.
+Metrics: documents_in, documents_out, rejected, rejected_by_reason, chars_out, and per source
+         the documents read and kept.
+Alone:   gristmill run SPEC --only ingest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.writers import JsonlWriter
+
+from data_specs.spec import Filters, JsonlSource, RunSpec
+from tasks.engine import run_pipeline, step_counts
+from tasks.errors import InputError
+from tasks.fingerprint import file_digest
+from tasks.python_docs import corpus_version, write_python_docs
+from tasks.readers import SourceFile, SourceReader, source_files
+from tasks.stage import Inputs, Metrics, Stage
+from tasks.store import link_tree
+
+# Unicode spaces (NBSP, thin space, ...) become plain spaces; other control characters go.
+_SPACES = re.compile(r"[^\S\n\t]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def normalize_text(text: str) -> str:
+    """NFC, one newline style, no control characters, no trailing spaces, at most one blank line."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _SPACES.sub(" ", _CONTROL.sub("", text))
+    text = _BLANK_RUNS.sub("\n\n", _TRAILING.sub("\n", text))
+    return text.strip()
+
+
+def content_id(text: str) -> str:
+    """A stable id for a document that has none: a hash of its normalised text."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Normalize(PipelineStep):
+    """Normalises text (see `normalize_text`) and gives id-less documents a content id."""
+
+    name = "gristmill normalize"
+    type = "✂️ - FORMAT"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            if "reject" not in doc.metadata:
+                doc.text = normalize_text(doc.text)
+                doc.id = doc.id or content_id(doc.text)
+            yield doc
+
+
+class IngestFilter(BaseFilter):
+    """Drops unreadable records and documents outside the length bounds, with a reason each;
+    also counts read and kept documents per source."""
+
+    name = "gristmill ingest filter"
+
+    def __init__(self, filters: Filters, rejects: Path):
+        super().__init__(exclusion_writer=JsonlWriter(str(rejects), output_filename="${rank}.jsonl.gz"))
+        self.filters = filters
+
+    def _verdict(self, doc: Document) -> bool | tuple[bool, str]:
+        if "reject" in doc.metadata:
+            return False, doc.metadata.pop("reject")
+        if not doc.text:
+            return False, "empty_text"
+        if len(doc.text) < self.filters.min_chars:
+            return False, "too_short"
+        if len(doc.text) > self.filters.max_chars:
+            return False, "too_long"
+        return True
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        source = doc.metadata.get("source", "?").split(":", 1)[0]
+        verdict = self._verdict(doc)
+        self.stat_update(f"read_source_{source}")
+        if verdict is True:
+            self.stat_update(f"kept_source_{source}")
+        return verdict
+
+
+def _source_inputs(spec: RunSpec) -> list[tuple[int, object, list[SourceFile]]]:
+    """Every source with its files (python_docs has none until it is generated)."""
+    return [(i, src, source_files(spec, i, src)) for i, src in enumerate(spec.corpus.sources)]
+
+
+def external_inputs(spec: RunSpec) -> dict[str, str]:
+    """Content digests of every source file (names relative to their source folder)."""
+    digests = {}
+    for i, src, files in _source_inputs(spec):
+        if src.kind == "python_docs":
+            digests[f"{i}:python_docs"] = corpus_version()
+        for f in files:
+            real = f.path.resolve()
+            if f.path.is_symlink() and (not real.is_file() or not real.is_relative_to(f.root.resolve())):
+                # Rejected when read; only the link itself is an input.
+                digests[f.name] = "symlink:" + os.readlink(f.path)
+            else:
+                digests[f.name] = file_digest(real)
+    return digests
+
+
+def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+    """Reads every source through datatrove and writes the kept documents and the rejects."""
+    readers = []
+    for i, src, files in _source_inputs(spec):
+        if src.kind == "python_docs":
+            generated = work / "python_docs.jsonl"
+            if not generated.exists():
+                write_python_docs(generated)
+            files = [SourceFile(generated, f"{i}:python_docs", work)]
+            src = JsonlSource(kind="jsonl", path=str(generated), text_field="text", id_field="id")
+        readers.append(SourceReader(src, files, i))
+    pipeline = [*readers, Normalize(), IngestFilter(spec.corpus.filters, work / "rejects"),
+                JsonlWriter(str(work / "documents"), output_filename="${rank}.jsonl.gz")]
+    stats = run_pipeline(pipeline, "ingest", work, spec.executor)
+    counts = step_counts(stats, len(readers) + 1)
+    metrics = {
+        "documents_in": counts.get("total", 0),
+        "documents_out": counts.get("forwarded", 0),
+        "rejected": counts.get("dropped", 0),
+        "rejected_by_reason": {k.removeprefix("dropped_"): v for k, v in sorted(counts.items())
+                               if k.startswith("dropped_")},
+        "chars_out": counts.get("doc_len", 0),
+        "sources": [{"source": i, "kind": src.kind, "read": counts.get(f"read_source_{i}", 0),
+                     "kept": counts.get(f"kept_source_{i}", 0)} for i, src, _ in _source_inputs(spec)],
+    }
+    for s in metrics["sources"]:
+        if s["kept"] == 0:
+            why = "it holds no records" if s["read"] == 0 else f"all {s['read']} records were rejected"
+            raise InputError(f"{spec.spec_path}: corpus.sources.{s['source']} ({s['kind']}): no documents kept: "
+                             f"{why} (reasons: {metrics['rejected_by_reason'] or 'none'})")
+    for folder in ("documents", "rejects"):
+        (out / folder).mkdir()
+        if (work / folder).exists():
+            link_tree(work / folder, out / folder)
+    return metrics
+
+
+STAGE = Stage(
+    name="ingest",
+    needs=(),
+    build=build,
+    spec_view=lambda spec: {"corpus": spec.corpus.cache_view(), "tasks": spec.executor.tasks},
+    external_inputs=external_inputs,
+    libs=("datatrove", "pyarrow", "datasets"),
+    module=__name__,
+    section="corpus",
+)

@@ -1,0 +1,20 @@
+"""The pipeline's stages in order. A new stage is one module in tasks/ plus one line here."""
+
+from tasks import dedup, ingest
+from tasks.errors import InputError
+from tasks.stage import Stage
+
+STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE)
+
+
+def stage_names() -> list[str]:
+    """Names of every stage, in pipeline order."""
+    return [s.name for s in STAGES]
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called `name`; an unknown name is bad input that lists the known ones."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise InputError(f"unknown stage {name!r}; stages are: {', '.join(stage_names())}")

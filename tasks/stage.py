@@ -1,0 +1,49 @@
+"""The stage contract every module in `tasks/` implements.
+
+    STAGE = Stage("dedup", needs=("ingest",), section="dedup", build=build, ...)
+
+    def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+        '''Reads upstream artifacts, writes only under `out`, returns metrics.'''
+
+A stage reads its spec section and the artifacts of the stages it needs (`inputs[name]`
+is a local folder), writes only into `out` (fresh and empty), may keep resumable state in
+`work` (kept across attempts of the same fingerprint), and returns JSON-able metrics. It
+never reads environment variables, global paths or another stage's folder by name. The
+machinery around it (fingerprint, cache, temp folder, publish, record) is in `runner.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_specs.spec import RunSpec
+
+Inputs = Mapping[str, Path]
+Metrics = dict[str, Any]
+
+
+def no_external_inputs(spec: RunSpec) -> dict[str, str]:
+    """For stages that read only upstream artifacts."""
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One box of the pipeline: its name, what it reads, and how its cache key is made."""
+
+    name: str
+    needs: tuple[str, ...]
+    build: Callable[[RunSpec, Inputs, Path, Path], Metrics]
+    # The spec fields that change this stage's output, as JSON data.
+    spec_view: Callable[[RunSpec], dict[str, Any]]
+    # Content digests of files outside the store that the stage reads (corpus sources).
+    external_inputs: Callable[[RunSpec], dict[str, str]] = no_external_inputs
+    # Libraries whose version can change the output.
+    libs: tuple[str, ...] = field(default_factory=tuple)
+    # Where the code lives (entered into the fingerprint with everything it imports).
+    module: str = ""
+    # The spec section shown in plan reasons ("spec field dedup.near.threshold changed").
+    section: str = ""

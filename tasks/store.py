@@ -1,0 +1,239 @@
+"""The artifact store: `<store>/<stage>/<fingerprint>/` holds a payload and `artifact.json`.
+
+Publishing is atomic: a stage builds into a fresh temp folder, the folder is renamed into
+place, and `artifact.json` is written last (itself through a temp file and a rename). A
+folder without `artifact.json` never counts as done and is cleared before the next build.
+Builds of one fingerprint are serialised by a file lock, so two runs started together build
+once and both succeed.
+
+The store is a local folder or any fsspec URL (`s3://bucket/prefix`). Stages always see
+local folders: a remote store's artifacts are built locally and uploaded (payload first,
+`artifact.json` last), and downloaded into a local cache when read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel, ConfigDict
+
+RECORD = "artifact.json"
+WORK = ".work"  # per-fingerprint scratch kept across attempts (checkpoints, datatrove logs)
+LOCKS = ".locks"
+
+
+class ArtifactRecord(BaseModel):
+    """The small JSON record that marks an artifact as done and describes it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    stage: str
+    fingerprint: str
+    run_name: str
+    key: dict[str, Any]
+    metrics: dict[str, Any]
+    files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "bytes"}
+    wall_s: float
+    versions: dict[str, str]
+    created_at: str
+
+
+def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every payload file, so later damage to an artifact can be detected."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        files[path.relative_to(root).as_posix()] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return files
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes a finished build to disk before it is renamed into place."""
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems refuse fsync on folders; the rename still orders it
+            pass
+        finally:
+            os.close(fd)
+
+
+class ArtifactStore:
+    """Content-addressed artifacts in a local folder or an fsspec URL."""
+
+    def __init__(self, url: str | Path, local_cache: Path | None = None):
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.is_local:
+            self.root = str(Path(self.root).resolve())
+            self.local_root = Path(self.root)
+        else:
+            # Work folders, locks and downloads of a remote store live on this machine.
+            key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+            self.local_root = (local_cache or Path.home() / ".cache" / "gristmill") / key
+        self.local_root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # ------------------------------------------------------------ paths
+
+    def location(self, stage: str, fingerprint: str) -> str:
+        """Where an artifact lives (a local path or a URL), as shown to users."""
+        if self.is_local:
+            return str(Path(self.root) / stage / fingerprint)
+        return f"{self.url}/{stage}/{fingerprint}"
+
+    def work_dir(self, stage: str, fingerprint: str) -> Path:
+        """A local scratch folder for one fingerprint, kept across attempts until publish."""
+        path = self.local_root / WORK / stage / fingerprint
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------ reading
+
+    def load(self, stage: str, fingerprint: str) -> ArtifactRecord | None:
+        """The record of a finished artifact, or None when there is none (or only a partial one)."""
+        path = f"{self.root}/{stage}/{fingerprint}/{RECORD}"
+        try:
+            with self.fs.open(path, "r", encoding="utf-8") as f:
+                return ArtifactRecord.model_validate(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return None  # a torn or foreign record is not a finished artifact
+
+    def history(self, stage: str) -> list[ArtifactRecord]:
+        """Every finished artifact of a stage, oldest first."""
+        try:
+            entries = self.fs.ls(f"{self.root}/{stage}", detail=False)
+        except FileNotFoundError:
+            return []
+        records = []
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("."):
+                continue
+            record = self.load(stage, name)
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: r.created_at)
+
+    def materialize(self, stage: str, fingerprint: str) -> Path:
+        """A local folder holding the artifact's payload (downloaded once for a remote store)."""
+        if self.is_local:
+            return Path(self.root) / stage / fingerprint
+        local = self.local_root / "downloads" / stage / fingerprint
+        if not (local / RECORD).exists():
+            tmp = local.with_name(f".{fingerprint}.{uuid.uuid4().hex}")
+            self.fs.get(f"{self.root}/{stage}/{fingerprint}/", str(tmp), recursive=True)
+            shutil.rmtree(local, ignore_errors=True)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local)
+        return local
+
+    # ------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, fingerprint: str) -> Iterator[None]:
+        """Serialises builds of one fingerprint across processes on this machine."""
+        path = self.local_root / LOCKS / f"{stage}-{fingerprint}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def new_build_dir(self, stage: str, fingerprint: str) -> Path:
+        """A fresh, empty local folder to build an artifact in (never seen as done)."""
+        base = Path(self.root) / stage if self.is_local else self.local_root / "builds" / stage
+        path = base / f".tmp-{fingerprint}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, build_dir: Path, record: ArtifactRecord) -> str:
+        """Moves a finished build into place, then writes its record; returns its location.
+
+        Call with the fingerprint's lock held. An existing artifact of the same fingerprint
+        (a forced rebuild) is replaced; a partial one (a killed publish) is cleared first.
+        """
+        stage, fp = record.stage, record.fingerprint
+        if not self.is_local:
+            return self._publish_remote(build_dir, record)
+        final = Path(self.root) / stage / fp
+        _fsync_tree(build_dir)
+        if final.exists():
+            # Out of the way first (one rename), then deleted: a reader never sees a mix.
+            trash = final.with_name(f".trash-{fp}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(build_dir, final)
+        tmp = final / f".{RECORD}.tmp"
+        tmp.write_text(record.model_dump_json(indent=2), encoding="utf-8")
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final / RECORD)
+        return str(final)
+
+    def _publish_remote(self, build_dir: Path, record: ArtifactRecord) -> str:
+        """Uploads the payload, then the record: a reader sees the record only after the payload."""
+        target = f"{self.root}/{record.stage}/{record.fingerprint}"
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(f"{target}/{RECORD}")
+        self.fs.put(f"{build_dir}/", f"{target}/", recursive=True)
+        with self.fs.open(f"{target}/{RECORD}", "w", encoding="utf-8") as f:
+            f.write(record.model_dump_json(indent=2))
+        shutil.rmtree(build_dir, ignore_errors=True)
+        return f"{self.url}/{record.stage}/{record.fingerprint}"
+
+    def discard_work(self, stage: str, fingerprint: str) -> None:
+        """Removes the scratch folder of a published fingerprint."""
+        shutil.rmtree(self.local_root / WORK / stage / fingerprint, ignore_errors=True)
+
+    def clear_stale_builds(self, stage: str, fingerprint: str) -> None:
+        """Removes temp folders and partial artifacts that killed runs of this fingerprint left.
+
+        Call with the fingerprint's lock held: no live build of it can be in progress then.
+        """
+        base = Path(self.root) / stage if self.is_local else self.local_root / "builds" / stage
+        for path in base.glob(f".tmp-{fingerprint}-*"):
+            shutil.rmtree(path, ignore_errors=True)
+        final = Path(self.root) / stage / fingerprint
+        if self.is_local and final.exists() and not (final / RECORD).exists():
+            shutil.rmtree(final, ignore_errors=True)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Puts a finished folder from a work area into an artifact (hard links when possible)."""
+    shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(src, dst)
+
+
+def now_iso() -> str:
+    """UTC timestamp with microseconds, so records sort by creation time."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
