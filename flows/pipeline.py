@@ -9,7 +9,7 @@ re-run (`refresh_cache`), whatever Prefect remembers.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,5 +64,9 @@ def pipeline(spec: RunSpec, store_url: str, stages: list[PlannedStage], forced: 
             # Not in the store (or forced): run it, and record the fresh result under the key.
             refresh_cache=rebuild or not item.cached,
         )
-        results.append(stage_task(item, spec, store_url, force=rebuild))
+        result = stage_task(item, spec, store_url, force=rebuild)
+        if item.cached and not rebuild:
+            # Prefect may hand back the result it persisted when the stage was built.
+            result = replace(result, state="cached")
+        results.append(result)
     return results

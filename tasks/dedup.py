@@ -182,6 +182,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
         documents_in = n if documents_in is None else documents_in
     (out / "documents").mkdir()
     link_tree(current, out / "documents")
+    link_tree(work / "logs", out / "logs")  # datatrove's per-step stats and task logs
     with (out / "removed.jsonl").open("w", encoding="utf-8") as f:
         for row in removed:
             f.write(json.dumps(row) + "\n")

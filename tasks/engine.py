@@ -7,15 +7,21 @@ mixes with a stale folder. The executor kind (local / slurm / ray) never enters 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
+from loguru import logger as loguru_logger
 from datatrove.pipeline.base import PipelineStep
 
 from data_specs.spec import ExecutorSpec
 from tasks.errors import InputError
+
+log = logging.getLogger("gristmill")
 
 StepCounts = list[dict[str, float]]
 
@@ -26,26 +32,35 @@ def run_pipeline(
     """Runs one datatrove pipeline to completion (skipping ranks a killed run finished) and
     returns the merged per-rank stats of every rank, including those done earlier."""
     logs = work / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
     tasks = executor.tasks if tasks is None else tasks
+    log.info("datatrove %s: %d task(s) on the %s executor", name, tasks, executor.kind)
+    # datatrove prints per-task stats to stderr; they go to a file kept with the logs instead.
+    try:
+        with (logs / "console.log").open("a", encoding="utf-8") as console, contextlib.redirect_stderr(console):
+            _executor(pipeline, logs, executor, tasks).run()
+    finally:
+        # datatrove re-adds a sink on the (redirected, now closed) stderr after each task.
+        loguru_logger.remove()
+        loguru_logger.add(sys.stderr, level="WARNING")
+    return merged_stats(logs)
+
+
+def _executor(pipeline: Sequence[PipelineStep], logs: Path, executor: ExecutorSpec, tasks: int):
+    """The datatrove executor the spec asks for."""
     if executor.kind == "local":
-        LocalPipelineExecutor(
-            pipeline=list(pipeline), tasks=tasks, workers=min(executor.workers, tasks),
-            logging_dir=str(logs), skip_completed=True,
-        ).run()
-    elif executor.kind == "ray":
+        return LocalPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=min(executor.workers, tasks),
+                                     logging_dir=str(logs), skip_completed=True)
+    if executor.kind == "ray":
         try:
             from datatrove.executor.ray import RayPipelineExecutor
         except ImportError as e:
             raise InputError(f"executor.kind is 'ray' but ray is not installed ({e}); pip install 'ray[default]'") from None
-        RayPipelineExecutor(
-            pipeline=list(pipeline), tasks=tasks, workers=executor.workers,
-            logging_dir=str(logs), skip_completed=True,
-        ).run()
-    else:
-        # SlurmPipelineExecutor submits sbatch jobs and returns at once; a stage must wait
-        # for its output, which needs a job-completion watcher this tree does not have yet.
-        raise InputError("executor.kind 'slurm' is not supported yet: use 'local' or 'ray'")
-    return merged_stats(logs)
+        return RayPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=executor.workers,
+                                   logging_dir=str(logs), skip_completed=True)
+    # SlurmPipelineExecutor submits sbatch jobs and returns at once; a stage must wait for
+    # its output, which needs a job-completion watcher this tree does not have yet.
+    raise InputError("executor.kind 'slurm' is not supported yet: use 'local' or 'ray'")
 
 
 def merged_stats(logs: Path) -> StepCounts:

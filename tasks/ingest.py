@@ -1,8 +1,8 @@
 """ingest: reads the corpus sources, normalises the text, applies the filters.
 
 Reads:   the spec's `corpus` section and the files its sources name (by content).
-Writes:  documents/*.jsonl.gz (datatrove JSONL: id, text, metadata.source/where) and
-         rejects/*.jsonl.gz (every record not kept, with metadata.filter_reason and its raw
+Writes:  documents/*.jsonl.gz (datatrove JSONL: id, text, metadata.source/where),
+         logs/ (datatrove's stats and task logs) and rejects/*.jsonl.gz (every record not kept, with metadata.filter_reason and its raw
          content), so nothing the user gave is silently dropped.
 Metrics: documents_in, documents_out, rejected, rejected_by_reason, chars_out, and per source
          the documents read and kept.
@@ -146,7 +146,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             why = "it holds no records" if s["read"] == 0 else f"all {s['read']} records were rejected"
             raise InputError(f"{spec.spec_path}: corpus.sources.{s['source']} ({s['kind']}): no documents kept: "
                              f"{why} (reasons: {metrics['rejected_by_reason'] or 'none'})")
-    for folder in ("documents", "rejects"):
+    for folder in ("documents", "rejects", "logs"):
         (out / folder).mkdir()
         if (work / folder).exists():
             link_tree(work / folder, out / folder)
