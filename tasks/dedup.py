@@ -126,7 +126,9 @@ def _read_index(folder: Path) -> dict[str, str]:
 
 def _removed(folder: Path, key_of, kept: dict[str, str], kind: str) -> list[dict[str, str]]:
     """One row per removed document: its id and the id of the kept document it duplicates."""
-    rows = []
+    rows: list[dict[str, str]] = []
+    if not any(folder.glob("*.jsonl.gz")):  # nothing was removed, so nothing was written
+        return rows
     for doc in _reader(folder).run(None):
         rows.append({"id": doc.id, "duplicate_of": kept.get(key_of(doc), ""), "kind": kind})
     return rows
@@ -182,7 +184,8 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
         documents_in = n if documents_in is None else documents_in
     (out / "documents").mkdir()
     link_tree(current, out / "documents")
-    link_tree(work / "logs", out / "logs")  # datatrove's per-step stats and task logs
+    if (work / "logs").exists():  # datatrove's per-step stats and task logs
+        link_tree(work / "logs", out / "logs")
     with (out / "removed.jsonl").open("w", encoding="utf-8") as f:
         for row in removed:
             f.write(json.dumps(row) + "\n")
@@ -199,8 +202,7 @@ STAGE = Stage(
     name="dedup",
     needs=("ingest",),
     build=build,
-    spec_view=lambda spec: {"dedup": spec.dedup.cache_view(), "tasks": spec.executor.tasks},
+    spec_view=lambda spec: {"dedup": spec.dedup.cache_view(), "executor.tasks": spec.executor.tasks},
     libs=("datatrove", "xxhash", "spacy"),
     module=__name__,
-    section="dedup",
 )

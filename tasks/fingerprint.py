@@ -149,7 +149,7 @@ def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix or "<all>"]
 
 
-def explain_change(old: dict[str, Any] | None, new: dict[str, Any], section: str) -> str:
+def explain_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """Why `new` misses the cache, compared with the key of an earlier artifact of the stage."""
     if old is None:
         return "never built"
@@ -157,7 +157,7 @@ def explain_change(old: dict[str, Any] | None, new: dict[str, Any], section: str
     changed_up = sorted(s for s in new["upstream"] if old.get("upstream", {}).get(s) != new["upstream"][s])
     if changed_up:
         reasons.append("upstream " + ", ".join(changed_up) + " changed")
-    fields = _diff_paths(old.get("spec"), new["spec"], section)
+    fields = _diff_paths(old.get("spec"), new["spec"])
     if fields:
         reasons.append("spec field " + ", ".join(fields) + " changed")
     inputs = _diff_paths(old.get("inputs"), new["inputs"])

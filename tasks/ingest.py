@@ -157,9 +157,8 @@ STAGE = Stage(
     name="ingest",
     needs=(),
     build=build,
-    spec_view=lambda spec: {"corpus": spec.corpus.cache_view(), "tasks": spec.executor.tasks},
+    spec_view=lambda spec: {"corpus": spec.corpus.cache_view(), "executor.tasks": spec.executor.tasks},
     external_inputs=external_inputs,
     libs=("datatrove", "pyarrow", "datasets"),
     module=__name__,
-    section="corpus",
 )

@@ -94,7 +94,7 @@ def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = ()) -> list
         elif cached:
             reason = ""
         else:
-            reason = explain_change(_previous_key(store, stage.name, spec.name), key, stage.section)
+            reason = explain_change(_previous_key(store, stage.name, spec.name), key)
         planned.append(PlannedStage(stage.name, fp, key, cached, reason, store.location(stage.name, fp)))
     return planned
 

@@ -37,7 +37,8 @@ class Stage:
     name: str
     needs: tuple[str, ...]
     build: Callable[[RunSpec, Inputs, Path, Path], Metrics]
-    # The spec fields that change this stage's output, as JSON data.
+    # The spec fields that change this stage's output, as JSON data keyed by their dotted
+    # spec path (so `plan` can say "spec field dedup.near.threshold changed").
     spec_view: Callable[[RunSpec], dict[str, Any]]
     # Content digests of files outside the store that the stage reads (corpus sources).
     external_inputs: Callable[[RunSpec], dict[str, str]] = no_external_inputs
@@ -45,5 +46,3 @@ class Stage:
     libs: tuple[str, ...] = field(default_factory=tuple)
     # Where the code lives (entered into the fingerprint with everything it imports).
     module: str = ""
-    # The spec section shown in plan reasons ("spec field dedup.near.threshold changed").
-    section: str = ""

@@ -1,0 +1,70 @@
+"""Shared fixtures: small specs written into a temp folder, and a store beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from data_specs.spec import RunSpec, load_spec
+from tasks.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "data_specs" / "tiny.yaml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "gu", "ba", "fe", "zo", "hy", "wa", "qi"]
+
+
+def doc_text(i: int, words: int = 40) -> str:
+    """A distinct document of letter-only words (MinHash normalises digits away), seeded by i,
+    so no two documents are near duplicates."""
+    rng = random.Random(i)
+    return " ".join("".join(rng.choices(_SYLLABLES, k=3)) for _ in range(words)) + "."
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """Writes rows (dicts are JSON-encoded, str/bytes written as the raw line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        for row in rows:
+            if isinstance(row, bytes):
+                f.write(row + b"\n")
+            elif isinstance(row, str):
+                f.write(row.encode() + b"\n")
+            else:
+                f.write(json.dumps(row).encode() + b"\n")
+    return path
+
+
+class SpecFactory:
+    """Writes a spec YAML (and returns it loaded) in a temp project folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.store = ArtifactStore(root / "store")
+
+    def write(self, name: str = "t", **sections: Any) -> Path:
+        body = {"name": name, "corpus": {"sources": [{"kind": "jsonl", "path": "data/*.jsonl", "id_field": "id"}]}}
+        body.update(sections)
+        path = self.root / "spec.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    def load(self, **sections: Any) -> RunSpec:
+        return load_spec(self.write(**sections))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> SpecFactory:
+    """A temp project with ten distinct documents in data/docs.jsonl."""
+    write_jsonl(tmp_path / "data" / "docs.jsonl", [{"id": f"d{i}", "text": doc_text(i)} for i in range(10)])
+    return SpecFactory(tmp_path)

@@ -1,0 +1,85 @@
+"""The spec loader: valid specs load, bad ones are InputErrors naming the file and field."""
+
+from pathlib import Path
+
+import pytest
+
+from data_specs.spec import load_spec
+from tasks.errors import InputError
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "python_docs.yaml"])
+def test_shipped_specs_load(name):
+    spec = load_spec(REPO / "data_specs" / name)
+    assert spec.corpus.sources
+    assert spec.spec_path == (REPO / "data_specs" / name).resolve()
+
+
+def test_defaults_fill_every_section_but_corpus(project):
+    spec = project.load()
+    assert spec.corpus.filters.min_chars == 50
+    assert spec.dedup.exact is True and spec.dedup.near.threshold == 0.8
+    assert spec.executor.kind == "local"
+
+
+def test_relative_paths_are_relative_to_the_spec_file(project):
+    spec = project.load()
+    assert spec.resolve("data/x.jsonl") == project.root / "data" / "x.jsonl"
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"dedup": {"exact": True, "nearr": {}}}, "dedup.nearr"),
+        ({"dedup": {"near": {"threshold": "high"}}}, "dedup.near.threshold"),
+        ({"dedup": {"near": {"threshold": 1.5}}}, "dedup.near.threshold"),
+        ({"corpus": {"sources": [{"kind": "csv", "path": "x"}]}}, "corpus.sources.0"),
+        ({"corpus": {"sources": [{"kind": "jsonl"}]}}, "corpus.sources.0.jsonl.path"),
+        ({"corpus": {"sources": []}}, "corpus.sources"),
+        ({"corpus": {"sources": [{"kind": "python_docs"}], "filters": {"min_chars": 10, "max_chars": 5}}},
+         "corpus.filters"),
+        ({"executor": {"tasks": 0}}, "executor.tasks"),
+        ({"name": "has space"}, "name"),
+    ],
+)
+def test_invalid_specs_name_file_and_field(project, sections, field):
+    path = project.write(**sections)
+    with pytest.raises(InputError) as e:
+        load_spec(path)
+    assert str(path) in str(e.value)
+    assert field in str(e.value)
+
+
+def test_missing_corpus_is_named(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(InputError, match="corpus"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: [unclosed", "invalid YAML"),
+    (b"- a\n- b\n", "YAML mapping"),
+    (b"name: \xff\xfe", "not UTF-8"),
+])
+def test_unparseable_files(tmp_path, content, message):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_spec(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_cache_view_leaves_out_unkeyed_fields(project):
+    a = project.load(executor={"kind": "local", "workers": 1}, store="elsewhere")
+    b = project.load(executor={"kind": "ray", "workers": 8})
+    assert a.cache_view() == b.cache_view()
+    assert "store" not in a.cache_view()
+    assert "path" not in a.corpus.sources[0].cache_view()
+    c = project.load(executor={"tasks": 3})
+    assert c.cache_view() != a.cache_view()
