@@ -64,9 +64,10 @@ def pipeline(spec: RunSpec, store_url: str, stages: list[PlannedStage], forced: 
             # Not in the store (or forced): run it, and record the fresh result under the key.
             refresh_cache=rebuild or not item.cached,
         )
-        result = stage_task(item, spec, store_url, force=rebuild)
-        if item.cached and not rebuild:
-            # Prefect may hand back the result it persisted when the stage was built.
+        state = stage_task(item, spec, store_url, force=rebuild, return_state=True)
+        result = state.result()  # re-raises the stage's own exception when it failed
+        if state.name == "Cached":
+            # Prefect handed back the result it persisted when the stage was built.
             result = replace(result, state="cached")
         results.append(result)
     return results

@@ -21,7 +21,7 @@ from tasks.errors import InputError, StageError
 from tasks.fingerprint import code_digest, digest_key, explain_change, lib_versions
 from tasks.registry import STAGES, get_stage, stage_names
 from tasks.stage import Stage
-from tasks.store import ArtifactRecord, ArtifactStore, checksum_tree, now_iso
+from tasks.store import ArtifactRecord, ArtifactStore, checksum_tree, make_gzip_reproducible, now_iso
 
 log = logging.getLogger("gristmill")
 
@@ -163,6 +163,7 @@ def execute(item: PlannedStage, spec: RunSpec, store: ArtifactStore, force: bool
             shutil.rmtree(out, ignore_errors=True)
             raise StageError(f"stage {item.name!r} failed: {type(e).__name__}: {e}") from e
         wall = time.perf_counter() - start
+        make_gzip_reproducible(out)
         record = ArtifactRecord(
             stage=item.name, fingerprint=item.fingerprint, run_name=spec.name, key=item.key,
             metrics=metrics, files=checksum_tree(out), wall_s=round(wall, 3),

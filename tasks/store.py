@@ -61,6 +61,18 @@ def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def make_gzip_reproducible(root: Path) -> None:
+    """Zeroes the write time in every gzip header under `root` (as `gzip -n` does), so equal
+    content gives equal bytes and equal checksums whenever it was built. The header's MTIME
+    field is bytes 4-7; no checksum covers it (the CRC32 in the trailer is of the content)."""
+    for path in root.rglob("*.gz"):
+        with path.open("r+b") as f:
+            header = f.read(8)
+            if len(header) == 8 and header[:2] == b"\x1f\x8b" and header[4:8] != b"\0\0\0\0":
+                f.seek(4)
+                f.write(b"\0\0\0\0")
+
+
 def _fsync_tree(root: Path) -> None:
     """Flushes a finished build to disk before it is renamed into place."""
     for path in [*root.rglob("*"), root]:

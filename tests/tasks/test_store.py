@@ -77,3 +77,22 @@ def test_two_processes_build_once(project):
     for stage in ("ingest", "dedup"):
         done = [p for p in (Path(project.store.root) / stage).iterdir() if not p.name.startswith(".")]
         assert len(done) == 1 and (done[0] / RECORD).exists()
+
+
+def test_gzip_outputs_are_reproducible(tmp_path):
+    import gzip
+
+    from tasks.store import make_gzip_reproducible
+
+    paths = []
+    for i, mtime in enumerate((1000, 2000)):
+        path = tmp_path / f"{i}" / "x.jsonl.gz"
+        path.parent.mkdir()
+        with open(path, "wb") as raw, gzip.GzipFile("x.jsonl", "wb", fileobj=raw, mtime=mtime) as f:
+            f.write(b'{"a": 1}\n')
+        paths.append(path)
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+    for path in paths:
+        make_gzip_reproducible(path.parent)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert gzip.decompress(paths[0].read_bytes()) == b'{"a": 1}\n'

@@ -1,0 +1,150 @@
+"""The CLI as a user runs it: a subprocess, exit codes, messages, reruns, kills, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY
+
+GRISTMILL = [sys.executable, "-m", "flows.cli"]
+pytestmark = pytest.mark.slow
+
+
+def gristmill(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*GRISTMILL, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+
+
+def artifacts(store: Path) -> dict[str, Path]:
+    """stage -> its one finished artifact folder."""
+    out = {}
+    for stage in ("ingest", "dedup"):
+        done = [p for p in (store / stage).glob("*") if (p / "artifact.json").exists()]
+        assert len(done) <= 1, done
+        if done:
+            out[stage] = done[0]
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every path under a folder with its modification time, to prove nothing was touched."""
+    return {str(p): p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory) -> Path:
+    """tiny.yaml run once through the CLI."""
+    store = tmp_path_factory.mktemp("cli") / "store"
+    proc = gristmill("run", str(TINY), "--store", str(store))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ingest  built" in proc.stdout and "dedup   built" in proc.stdout
+    return store
+
+
+def test_rerun_is_cached_and_touches_nothing(built_store):
+    before = {stage: snapshot(path) for stage, path in artifacts(built_store).items()}
+    proc = gristmill("run", str(TINY), "--store", str(built_store))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ingest  cached" in proc.stdout and "dedup   cached" in proc.stdout
+    assert {stage: snapshot(path) for stage, path in artifacts(built_store).items()} == before
+
+
+def test_plan_json(built_store):
+    proc = gristmill("plan", str(TINY), "--store", str(built_store), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["stage"] for r in rows] == ["ingest", "dedup"]
+    for row in rows:
+        assert set(row) == {"stage", "fingerprint", "cached", "reason", "path"}
+        assert row["cached"] is True and row["reason"] is None
+        assert Path(row["path"]) == artifacts(built_store)[row["stage"]]
+
+
+def test_force_dedup_rebuilds_only_dedup(built_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(built_store, store)
+    ingest_before = snapshot(artifacts(store)["ingest"])
+    dedup_record = json.loads((artifacts(store)["dedup"] / "artifact.json").read_text())
+    proc = gristmill("run", str(TINY), "--store", str(store), "--force", "dedup")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ingest  cached" in proc.stdout and "dedup   built" in proc.stdout
+    assert snapshot(artifacts(store)["ingest"]) == ingest_before
+    after = json.loads((artifacts(store)["dedup"] / "artifact.json").read_text())
+    assert after["fingerprint"] == dedup_record["fingerprint"]
+    assert after["created_at"] > dedup_record["created_at"]
+
+
+def test_only_without_upstream_is_exit_2(tmp_path):
+    proc = gristmill("run", str(TINY), "--store", str(tmp_path / "empty"), "--only", "dedup")
+    assert proc.returncode == 2
+    assert "upstream stage 'ingest'" in proc.stderr and "--until ingest" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "SPEC", "--only", "nope"], "unknown stage 'nope'; stages are: ingest, dedup"),
+    (["run", "SPEC", "--force", "nope"], "unknown stage 'nope'"),
+    (["plan", "missing.yaml"], "missing.yaml: spec file not found"),
+])
+def test_bad_arguments_are_exit_2(tmp_path, args, message):
+    args = [str(TINY) if a == "SPEC" else a for a in args]
+    proc = gristmill(*args, "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_spec_and_missing_source_are_exit_2(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ncorpus:\n  sources:\n    - kind: jsonl\n      path: none/*.jsonl\n      txt_field: t\n")
+    proc = gristmill("run", str(spec), "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "corpus.sources.0.jsonl.txt_field" in proc.stderr and str(spec) in proc.stderr
+    spec.write_text("name: x\ncorpus:\n  sources:\n    - kind: jsonl\n      path: none/*.jsonl\n")
+    proc = gristmill("run", str(spec), "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "no file matches 'none/*.jsonl'" in proc.stderr
+
+
+def test_killed_during_dedup_leaves_nothing_done_and_resumes(built_store, tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    # Kill once dedup's MinHash steps have started (its exact steps are done by then).
+    while not list(store.glob(".work/dedup/*/logs/minhash-1-signature")):
+        assert proc.poll() is None, "the run ended before dedup could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = artifacts(store)
+    assert "ingest" in done and "dedup" not in done
+    assert not any((p / "artifact.json").exists() for p in (store / "dedup").glob("*"))
+
+    rerun = gristmill("run", str(TINY), "--store", str(store))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "ingest  cached" in rerun.stdout and "dedup   built" in rerun.stdout
+    # Same fingerprint and same documents as an uninterrupted run.
+    resumed, clean = artifacts(store)["dedup"], artifacts(built_store)["dedup"]
+    assert resumed.name == clean.name
+    files = lambda p: {k: v["sha256"] for k, v in json.loads((p / "artifact.json").read_text())["files"].items()
+                       if not k.startswith("logs/")}
+    assert files(resumed) == files(clean)
+
+
+def test_two_runs_started_together_both_succeed(tmp_path):
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert len(artifacts(store)) == 2
+    built = sum(o[0].count(" built ") for o in outs)
+    assert built == 2  # each stage built by exactly one of the runs
