@@ -16,13 +16,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from data_specs.spec import RunSpec, load_spec
+from data_specs.spec import load_spec
 from tasks.errors import InputError, StageError
-from tasks.registry import get_stage, stage_names
-from tasks.runner import PlannedStage, plan, select
-from tasks.store import ArtifactStore
-
-DEFAULT_STORE = ".gristmill"
+from tasks.registry import stage_names
+from tasks.runner import DEFAULT_STORE, PlannedStage, plan, prepare_run, resolve_store
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -32,16 +29,6 @@ def _offline_defaults() -> None:
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
-def resolve_store(spec: RunSpec, flag: str | None) -> ArtifactStore:
-    """`--store`, else the spec's `store:` (relative to the spec file), else ./.gristmill."""
-    if flag:
-        return ArtifactStore(flag)
-    if spec.store:
-        is_url = "://" in spec.store
-        return ArtifactStore(spec.store if is_url else spec.resolve(spec.store))
-    return ArtifactStore(DEFAULT_STORE)
 
 
 def _print_plan(rows: Sequence[PlannedStage], out=sys.stdout) -> None:
@@ -64,35 +51,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_upstream(chosen: Sequence[PlannedStage], rows: Sequence[PlannedStage], store: ArtifactStore, spec_path: str) -> None:
-    """With --only, every stage the chosen one reads must already be in the store."""
-    names = {r.name for r in chosen}
-    by_name = {r.name: r for r in rows}
-    for item in chosen:
-        for need in get_stage(item.name).needs:
-            if need not in names and not by_name[need].cached:
-                raise InputError(
-                    f"--only {item.name}: its upstream stage {need!r} has no artifact for this spec in {store.url} "
-                    f"({by_name[need].reason}); run `gristmill run {spec_path} --until {need}` first"
-                )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs the pipeline (or part of it) through Prefect and prints each stage's artifact."""
-    spec = load_spec(args.spec)
-    store = resolve_store(spec, args.store)
-    if args.only and args.until:
-        raise InputError("--only and --until cannot be used together")
-    rows = plan(spec, store, force=args.force)
-    chosen = select(rows, until=args.until, only=args.only)
-    _check_upstream(chosen, rows, store, args.spec)
-    print(f"run {spec.name} ({args.spec}), store {store.url}")
-    _print_plan(chosen)
+    run = prepare_run(args.spec, args.store, until=args.until, only=args.only, force=args.force)
+    print(f"run {run.spec.name} ({args.spec}), store {run.store.url}")
+    _print_plan(run.stages)
 
-    from flows.pipeline import pipeline  # Prefect is imported only when something runs
+    from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
 
-    forced = sorted(r.name for r in chosen if r.reason.startswith("forced"))
-    results = pipeline(spec, store.url, chosen, forced)
+    results = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force)
     print("done:")
     width = max(len(r.name) for r in results)
     for r in results:

@@ -1,6 +1,6 @@
 """Prefect flows that wire the stages; all logic lives in tasks/.
 
-`pipeline` runs the planned stages in order, one Prefect task each. Prefect sees the same
+`gristmill_pipeline` runs the planned stages in order, one Prefect task each. Prefect sees the same
 cache key as the store (`StoreCachePolicy`), so its UI shows reused stages as Cached; the
 store stays the source of truth: a stage whose artifact is missing from the store is always
 re-run (`refresh_cache`), whatever Prefect remembers.
@@ -19,7 +19,7 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 
 from data_specs.spec import RunSpec
-from tasks.runner import PlannedStage, StageResult, execute
+from tasks.runner import PlannedStage, StageResult, execute, prepare_run
 from tasks.store import ArtifactStore
 
 
@@ -53,18 +53,20 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
 
 
 @flow(name="gristmill-pipeline", log_prints=True)
-def pipeline(spec: RunSpec, store_url: str, stages: list[PlannedStage], forced: list[str]) -> list[StageResult]:
-    """Runs the given planned stages in order against one store."""
-    storage = result_storage(ArtifactStore(store_url))
+def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
+                       only: str | None = None, force: list[str] | None = None) -> list[StageResult]:
+    """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store."""
+    run = prepare_run(spec_path, store, until=until, only=only, force=force or [])
+    storage = result_storage(run.store)
     results = []
-    for item in stages:
-        rebuild = item.name in forced
+    for item in run.stages:
+        rebuild = item.name in run.forced
         stage_task = run_stage.with_options(
             result_storage=storage,
             # Not in the store (or forced): run it, and record the fresh result under the key.
             refresh_cache=rebuild or not item.cached,
         )
-        state = stage_task(item, spec, store_url, force=rebuild, return_state=True)
+        state = stage_task(item, run.spec, run.store.url, force=rebuild, return_state=True)
         result = state.result()  # re-raises the stage's own exception when it failed
         if state.name == "Cached":
             # Prefect handed back the result it persisted when the stage was built.

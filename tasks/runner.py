@@ -131,6 +131,51 @@ def select(planned: list[PlannedStage], until: str | None = None, only: str | No
     return [p for p in planned if p.name in names]
 
 
+DEFAULT_STORE = ".gristmill"
+
+
+def resolve_store(spec: RunSpec, flag: str | None) -> ArtifactStore:
+    """`--store`, else the spec's `store:` (relative to the spec file), else ./.gristmill."""
+    if flag:
+        return ArtifactStore(flag)
+    if spec.store:
+        return ArtifactStore(spec.store if "://" in spec.store else spec.resolve(spec.store))
+    return ArtifactStore(DEFAULT_STORE)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one `gristmill run` will do: the spec, the store, and the chosen stages."""
+
+    spec: RunSpec
+    store: ArtifactStore
+    stages: list[PlannedStage]
+    forced: frozenset[str]
+
+
+def prepare_run(spec_path: str | Path, store: str | None = None, until: str | None = None,
+                only: str | None = None, force: Sequence[str] = ()) -> RunPlan:
+    """Loads the spec, plans every stage, and picks those to run; bad input raises InputError."""
+    from data_specs.spec import load_spec
+
+    if only and until:
+        raise InputError("--only and --until cannot be used together")
+    spec = load_spec(spec_path)
+    st = resolve_store(spec, store)
+    rows = plan(spec, st, force=force)
+    chosen = select(rows, until=until, only=only)
+    by_name = {r.name: r for r in rows}
+    names = {r.name for r in chosen}
+    for item in chosen:
+        for need in get_stage(item.name).needs:
+            if need not in names and not by_name[need].cached:
+                raise InputError(
+                    f"--only {item.name}: its upstream stage {need!r} has no artifact for this spec in {st.url} "
+                    f"({by_name[need].reason}); run `gristmill run {spec_path} --until {need}` first")
+    forced = frozenset(r.name for r in chosen if r.reason.startswith("forced"))
+    return RunPlan(spec, st, chosen, forced)
+
+
 def execute(item: PlannedStage, spec: RunSpec, store: ArtifactStore, force: bool = False) -> StageResult:
     """Builds one planned stage unless its artifact exists; publishes it atomically."""
     stage = get_stage(item.name)
