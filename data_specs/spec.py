@@ -150,6 +150,105 @@ class DedupSpec(Section):
                           "splits shingles for (datatrove.utils.typeshelper.Languages).")
 
 
+# ---------------------------------------------------------------- tokenizer and pretrain
+
+
+class TokenizerSpec(Section):
+    """Byte-level BPE trained on the deduped corpus, or an existing tokenizer folder used as is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    vocab_size: int = Field(8192, ge=300, le=262_144, description="Vocabulary size, in tokens (256 bytes + merges + specials).")
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences for a pair to be merged.")
+    from_: str | None = unkeyed(None, alias="from", description="A tokenizer folder (save_pretrained) to use "
+                                "instead of training one; its content, not its path, enters the cache key.")
+
+
+# Llama-architecture sizes. "gpt2-small" is the ~124M-parameter class (GPT-2 small dims,
+# SwiGLU width chosen to keep the parameter count) used by the GPU benchmark.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 4, "intermediate": 192, "context": 128},
+    "nano": {"layers": 4, "hidden": 128, "heads": 4, "kv_heads": 4, "intermediate": 384, "context": 256},
+    "micro": {"layers": 6, "hidden": 256, "heads": 8, "kv_heads": 8, "intermediate": 768, "context": 512},
+    "gpt2-small": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 12, "intermediate": 2048, "context": 1024},
+}
+
+
+class ModelSpec(Section):
+    """Model dimensions: a preset, with any explicit field overriding it."""
+
+    preset: Literal["tiny", "nano", "micro", "gpt2-small"] | None = Field("nano", description="Size preset.")
+    layers: int | None = Field(None, ge=1, description="Transformer blocks.")
+    hidden: int | None = Field(None, ge=8, description="Hidden size (model width).")
+    heads: int | None = Field(None, ge=1, description="Attention heads.")
+    kv_heads: int | None = Field(None, ge=1, description="Key/value heads (grouped-query attention when < heads).")
+    intermediate: int | None = Field(None, ge=8, description="SwiGLU inner width.")
+    context: int | None = Field(None, ge=8, description="Sequence length, in tokens.")
+
+    def dims(self) -> dict[str, int]:
+        """The resolved dimensions (preset values overridden by explicit ones)."""
+        dims = dict(MODEL_PRESETS[self.preset]) if self.preset else {}
+        dims.update({k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None})
+        missing = [k for k in MODEL_PRESETS["nano"] if k not in dims]
+        if missing:
+            raise ValueError(f"without a preset, set {', '.join(missing)}")
+        if dims["hidden"] % dims["heads"] or dims["heads"] % dims["kv_heads"]:
+            raise ValueError(f"hidden ({dims['hidden']}) must divide by heads ({dims['heads']}), "
+                             f"and heads by kv_heads ({dims['kv_heads']})")
+        return dims
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        self.dims()
+        return self
+
+    def cache_view(self) -> dict[str, Any]:
+        """The resolved dimensions: a preset and the same dimensions spelled out are one key."""
+        return self.dims()
+
+
+class PretrainSpec(Section):
+    """Causal-LM pre-training (or continued pre-training) with a token budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: str | None = unkeyed(None, alias="from", description="A local HF checkpoint folder to continue from "
+                                "(its content enters the cache key); the model dimensions are then its own.")
+    model: ModelSpec = ModelSpec()
+    tokens: int = Field(2_000_000, ge=1, description="Training budget, in tokens (not epochs).")
+    batch_tokens: int = Field(16_384, ge=1, description="Tokens per optimizer step (reached by gradient accumulation).")
+    micro_batch: int = unkeyed(8, ge=1, description="Sequences per forward pass; accumulation keeps batch_tokens.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (small models tolerate ~1e-3..6e-3).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Decay after warmup: cosine, or "
+                                               "warmup-stable-decay (linear decay over the last decay_fraction).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD only: share of steps spent decaying.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms or biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (GPT-3 / Llama values).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of documents held out for validation.")
+    eval_every: int = Field(50, ge=1, description="Validation every this many optimizer steps.")
+    eval_blocks: int = Field(32, ge=1, description="Validation blocks scored each time (a fixed subset).")
+    checkpoint_every: int = unkeyed(50, ge=1, description="Resumable checkpoint every this many steps.")
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+    compile: bool = unkeyed(False, description="torch.compile the model (GPU only; ignored on CPU).")
+
+
+class StageResources(Section):
+    """Hardware for one training stage. Never part of a cache key."""
+
+    gpus: int = unkeyed(1, ge=1, description="Processes to train with (one per GPU, torchrun/DDP when > 1; "
+                        "on a machine without CUDA, CPU processes over gloo, which tests the launch path).")
+    strategy: Literal["ddp", "fsdp"] = unkeyed("ddp", description="How several processes share the model.")
+
+
+class ResourcesSpec(Section):
+    """Hardware per stage."""
+
+    pretrain: StageResources = StageResources()
+
+
 # ---------------------------------------------------------------- execution
 
 
@@ -168,7 +267,10 @@ class RunSpec(Section):
     store: str | None = unkeyed(None, description="Artifact store folder or fsspec URL; default ./.gristmill.")
     corpus: CorpusSpec
     dedup: DedupSpec = DedupSpec()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    pretrain: PretrainSpec = PretrainSpec()
     executor: ExecutorSpec = ExecutorSpec()
+    resources: ResourcesSpec = ResourcesSpec()
 
     _spec_path: Path = PrivateAttr(default=Path("spec.yaml"))
 

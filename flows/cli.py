@@ -59,7 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
 
-    results = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force)
+    state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
+                               return_state=True)
+    results = state.result()  # raises the InputError or stage failure that ended the run
     print("done:")
     width = max(len(r.name) for r in results)
     for r in results:

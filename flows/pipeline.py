@@ -17,8 +17,10 @@ from prefect import flow, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
+from prefect.states import Failed, State
 
 from data_specs.spec import RunSpec
+from tasks.errors import InputError
 from tasks.runner import PlannedStage, StageResult, execute, prepare_run
 from tasks.store import ArtifactStore
 
@@ -49,12 +51,16 @@ def result_storage(store: ArtifactStore) -> Path | str:
 @task(cache_policy=StoreCachePolicy(), persist_result=True, task_run_name="{item.name}")
 def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False) -> StageResult:
     """Builds one stage's artifact unless the store has it (tasks/runner.py does the work)."""
-    return execute(item, spec, ArtifactStore(store_url), force=force)
+    try:
+        return execute(item, spec, ArtifactStore(store_url), force=force)
+    except InputError as e:
+        # The user's input, not a crash: fail with the message, without a traceback in the log.
+        return Failed(message=str(e), data=e)
 
 
 @flow(name="gristmill-pipeline", log_prints=True)
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
-                       only: str | None = None, force: list[str] | None = None) -> list[StageResult]:
+                       only: str | None = None, force: list[str] | None = None) -> list[StageResult] | State:
     """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store."""
     run = prepare_run(spec_path, store, until=until, only=only, force=force or [])
     storage = result_storage(run.store)
@@ -67,7 +73,11 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
             refresh_cache=rebuild or not item.cached,
         )
         state = stage_task(item, run.spec, run.store.url, force=rebuild, return_state=True)
-        result = state.result()  # re-raises the stage's own exception when it failed
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, InputError):
+            return state  # the flow run fails with the message; the CLI exits with code 2
+        if isinstance(result, BaseException):
+            raise result  # a crashed stage: its traceback belongs in the log
         if state.name == "Cached":
             # Prefect handed back the result it persisted when the stage was built.
             result = replace(result, state="cached")

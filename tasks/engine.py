@@ -38,6 +38,8 @@ def run_pipeline(
     # datatrove prints per-task stats to stderr; they go to a file kept with the logs instead.
     try:
         with (logs / "console.log").open("a", encoding="utf-8") as console, contextlib.redirect_stderr(console):
+            loguru_logger.remove()  # its default sink holds the real stderr
+            loguru_logger.add(console, level="INFO")
             _executor(pipeline, logs, executor, tasks).run()
     finally:
         # datatrove re-adds a sink on the (redirected, now closed) stderr after each task.

@@ -112,6 +112,17 @@ def test_bad_spec_and_missing_source_are_exit_2(tmp_path):
     assert proc.returncode == 2 and "no file matches 'none/*.jsonl'" in proc.stderr
 
 
+def test_source_with_every_record_rejected_is_exit_2_without_traceback(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text('not json\n{"text": ""}\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ncorpus:\n  sources:\n    - kind: jsonl\n      path: data/*.jsonl\n")
+    proc = gristmill("run", str(spec), "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "corpus.sources.0 (jsonl): no documents kept: all 2 records were rejected" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_killed_during_dedup_leaves_nothing_done_and_resumes(built_store, tmp_path):
     store = tmp_path / "store"
     proc = subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store)], cwd=REPO,

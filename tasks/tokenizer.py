@@ -1,0 +1,108 @@
+"""tokenizer: a byte-level BPE trained on the deduped corpus, or an existing tokenizer used as is.
+
+Reads:   the dedup artifact's documents/ (or the folder `tokenizer.from` names).
+Writes:  a `PreTrainedTokenizerFast` folder (save_pretrained) with the chat special tokens and
+         a ChatML chat template, loadable with plain `AutoTokenizer.from_pretrained(path)`.
+Metrics: vocab_size, documents, chars, tokens (of the corpus), chars_per_token, trained.
+Alone:   gristmill run SPEC --only tokenizer
+
+The chat template marks assistant turns with {% generation %} so TRL can train on assistant
+tokens only. `<|endoftext|>` separates documents when they are packed for pre-training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_specs.spec import RunSpec
+from tasks.documents import iter_documents
+from tasks.errors import InputError
+from tasks.fingerprint import tree_digest
+from tasks.stage import Inputs, Metrics, Stage
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def load_tokenizer_folder(path: Path):
+    """A tokenizer folder loaded with plain transformers; an unloadable one is bad input."""
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise InputError(f"tokenizer.from: {path} is not a folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a foreign folder
+        raise InputError(f"tokenizer.from: {path} is not a loadable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def train_bpe(texts, vocab_size: int, min_frequency: int):
+    """A byte-level BPE over `texts`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                  model_max_length=1_000_000)
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+    """Trains (or copies) the tokenizer and measures it on the corpus."""
+    docs = inputs["dedup"] / "documents"
+    cfg = spec.tokenizer
+    if cfg.from_:
+        tok = load_tokenizer_folder(spec.resolve(cfg.from_))
+        if tok.chat_template is None:
+            tok.chat_template = CHAT_TEMPLATE
+    else:
+        tok = train_bpe((d["text"] for d in iter_documents(docs)), cfg.vocab_size, cfg.min_frequency)
+    tok.save_pretrained(str(out))
+    chars = tokens = documents = 0
+    for d in iter_documents(docs):
+        documents += 1
+        chars += len(d["text"])
+        tokens += len(tok(d["text"], add_special_tokens=False)["input_ids"])
+    return {"vocab_size": len(tok), "documents": documents, "chars": chars, "tokens": tokens,
+            "chars_per_token": round(chars / max(tokens, 1), 3), "trained": cfg.from_ is None}
+
+
+def external_inputs(spec: RunSpec) -> dict[str, str]:
+    """The content of a `tokenizer.from` folder (nothing when the tokenizer is trained)."""
+    if not spec.tokenizer.from_:
+        return {}
+    path = spec.resolve(spec.tokenizer.from_)
+    if not path.is_dir():
+        raise InputError(f"{spec.spec_path}: tokenizer.from: {path} is not a folder")
+    return {"tokenizer.from": tree_digest(path)}
+
+
+STAGE = Stage(
+    name="tokenizer",
+    needs=("dedup",),
+    build=build,
+    spec_view=lambda spec: {"tokenizer": spec.tokenizer.cache_view()},
+    external_inputs=external_inputs,
+    libs=("tokenizers", "transformers"),
+    module=__name__,
+)
