@@ -207,14 +207,9 @@ class ModelSpec(Section):
         return self.dims()
 
 
-class PretrainSpec(Section):
-    """Causal-LM pre-training (or continued pre-training) with a token budget."""
+class OptimSpec(Section):
+    """The training loop's settings, shared by pretrain and midtrain (tasks/training.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    from_: str | None = unkeyed(None, alias="from", description="A local HF checkpoint folder to continue from "
-                                "(its content enters the cache key); the model dimensions are then its own.")
-    model: ModelSpec = ModelSpec()
     tokens: int = Field(2_000_000, ge=1, description="Training budget, in tokens (not epochs).")
     batch_tokens: int = Field(16_384, ge=1, description="Tokens per optimizer step (reached by gradient accumulation).")
     micro_batch: int = unkeyed(8, ge=1, description="Sequences per forward pass; accumulation keeps batch_tokens.")
@@ -235,12 +230,21 @@ class PretrainSpec(Section):
     compile: bool = unkeyed(False, description="torch.compile the model (GPU only; ignored on CPU).")
 
 
+class PretrainSpec(OptimSpec):
+    """Causal-LM pre-training (or continued pre-training) with a token budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: str | None = unkeyed(None, alias="from", description="A local HF checkpoint folder to continue from "
+                                "(its content enters the cache key); the model dimensions are then its own.")
+    model: ModelSpec = ModelSpec()
+
+
 class StageResources(Section):
     """Hardware for one training stage. Never part of a cache key."""
 
-    gpus: int = unkeyed(1, ge=1, description="Processes to train with (one per GPU, torchrun/DDP when > 1; "
-                        "on a machine without CUDA, CPU processes over gloo, which tests the launch path).")
-    strategy: Literal["ddp", "fsdp"] = unkeyed("ddp", description="How several processes share the model.")
+    gpus: int = unkeyed(1, ge=1, description="Processes to train with: one per GPU, launched with torchrun "
+                        "and DDP when > 1 (without CUDA: CPU processes over gloo, which tests the launch path).")
 
 
 class ResourcesSpec(Section):

@@ -1,10 +1,10 @@
 """The pipeline's stages in order. A new stage is one module in tasks/ plus one line here."""
 
-from tasks import dedup, ingest
+from tasks import dedup, ingest, pretrain, tokenizer
 from tasks.errors import InputError
 from tasks.stage import Stage
 
-STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE)
+STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE, tokenizer.STAGE, pretrain.STAGE)
 
 
 def stage_names() -> list[str]:

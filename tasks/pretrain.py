@@ -1,0 +1,146 @@
+"""pretrain: a Llama-architecture causal LM, trained from scratch or continued from a checkpoint.
+
+Reads:   the dedup artifact's documents/ and the tokenizer artifact (or `pretrain.from`, a
+         local HF checkpoint folder, whose content enters the cache key).
+Writes:  model.safetensors + config.json + the tokenizer (loadable with plain
+         `AutoModelForCausalLM.from_pretrained(path)`), and loss_curve.csv.
+Metrics: val_loss_initial, val_loss_final, val_perplexity_final, tokens_seen, tokens_per_s,
+         mfu (GPU only, else null), wall_s, peak_memory_mb, resumed_from_step, ...
+Alone:   gristmill run SPEC --only pretrain
+
+Documents are split by document into train/validation, tokenized, and packed into blocks
+of `context` tokens with EOS between documents. A killed run resumes from the checkpoint
+in the stage's work folder. With `resources.pretrain.gpus > 1` the loop runs in that many
+torchrun processes (DDP); tasks/train_worker.py is their entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data_specs.spec import PretrainSpec, RunSpec
+from tasks.documents import iter_documents
+from tasks.errors import InputError
+from tasks.fingerprint import tree_digest
+from tasks.lm_data import packed_splits
+from tasks.stage import Inputs, Metrics, Stage
+from tasks.training import Dist, pick_device, train_loop, write_curve
+
+VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
+
+
+def load_checkpoint(path: Path):
+    """A local HF causal-LM checkpoint, safetensors only; anything else is bad input."""
+    from transformers import AutoModelForCausalLM
+
+    if not (path / "config.json").is_file():
+        raise InputError(f"pretrain.from: {path} is not a model checkpoint (no config.json)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
+                                                    dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a foreign folder
+        raise InputError(f"pretrain.from: {path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def new_model(spec: PretrainSpec, tokenizer) -> torch.nn.Module:
+    """A freshly initialised Llama of the spec's dimensions (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = spec.model.dims()
+    vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=d["hidden"], intermediate_size=d["intermediate"],
+        num_hidden_layers=d["layers"], num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"],
+        max_position_embeddings=d["context"], tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(config)
+
+
+def make_model(spec: RunSpec, tokenizer) -> tuple[torch.nn.Module, int]:
+    """(model, block length): continued from `pretrain.from`, or new from the spec's dimensions."""
+    cfg = spec.pretrain
+    if not cfg.from_:
+        return new_model(cfg, tokenizer), cfg.model.dims()["context"]
+    path = spec.resolve(cfg.from_)
+    model = load_checkpoint(path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise InputError(f"pretrain.from: {path} has {model.config.vocab_size} embedding rows but the tokenizer "
+                         f"has {len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.from)")
+    block = min(cfg.model.dims()["context"], getattr(model.config, "max_position_embeddings", 10**9))
+    return model, block
+
+
+def run(spec: RunSpec, docs: Path, tokenizer_dir: Path, out: Path, work: Path, dist: Dist) -> Metrics:
+    """The work of one process: data, model, loop; the main process saves the artifact."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model, block = make_model(spec, tokenizer)
+    train, val = packed_splits(iter_documents(docs), tokenizer, block, spec.pretrain.val_fraction,
+                               spec.pretrain.seed, f"{spec.spec_path}: pretrain")
+    result = train_loop(model, train, val, spec.pretrain, work, pick_device(dist), dist, label="pretrain")
+    if dist.main:
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        write_curve(result.curve, out / "loss_curve.csv")
+    return result.metrics
+
+
+def launch(spec: RunSpec, docs: Path, tokenizer_dir: Path, out: Path, work: Path, processes: int) -> Metrics:
+    """Runs `run` in `processes` torchrun processes and returns the main process's metrics."""
+    job = work / "job.json"
+    job.write_text(json.dumps({"spec": spec.model_dump(mode="json", by_alias=True), "spec_path": str(spec.spec_path),
+                               "docs": str(docs), "tokenizer": str(tokenizer_dir), "out": str(out), "work": str(work)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           "-m", "tasks.train_worker", str(job)]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL)
+    result = work / "result.json"
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"torchrun with {processes} processes exited with code {proc.returncode}")
+    answer = json.loads(result.read_text())
+    if "input_error" in answer:
+        raise InputError(answer["input_error"])
+    return answer["metrics"]
+
+
+def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+    """Trains the model and writes it with its tokenizer and loss curve."""
+    start = time.perf_counter()
+    docs, tokenizer_dir = inputs["dedup"] / "documents", inputs["tokenizer"]
+    processes = spec.resources.pretrain.gpus
+    if processes > 1:
+        metrics = launch(spec, docs, tokenizer_dir, out, work, processes)
+    else:
+        metrics = run(spec, docs, tokenizer_dir, out, work, Dist())
+    metrics["wall_s"] = round(time.perf_counter() - start, 3)
+    return metrics
+
+
+def external_inputs(spec: RunSpec) -> dict[str, str]:
+    """The content of a `pretrain.from` checkpoint (nothing when training from scratch)."""
+    if not spec.pretrain.from_:
+        return {}
+    path = spec.resolve(spec.pretrain.from_)
+    if not path.is_dir():
+        raise InputError(f"{spec.spec_path}: pretrain.from: {path} is not a folder")
+    return {"pretrain.from": tree_digest(path)}
+
+
+STAGE = Stage(
+    name="pretrain",
+    needs=("dedup", "tokenizer"),
+    build=build,
+    spec_view=lambda spec: {"pretrain": spec.pretrain.cache_view()},
+    external_inputs=external_inputs,
+    libs=("torch", "transformers"),
+    module=__name__,
+)
