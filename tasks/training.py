@@ -148,7 +148,8 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
     """Trains `model` in place on packed blocks for `spec.tokens` tokens; returns metrics and the curve."""
     # ---- geometry: accumulation reaches batch_tokens with micro_batch sequences per pass
     seq_len = train.shape[1]
-    micro = spec.micro_batch
+    # Never more sequences per pass than the token batch holds (it would silently grow the batch).
+    micro = max(1, min(spec.micro_batch, spec.batch_tokens // (seq_len * dist.world)))
     accum = max(1, round(spec.batch_tokens / (micro * seq_len * dist.world)))
     step_tokens = accum * micro * seq_len * dist.world
     total_steps = max(1, math.ceil(spec.tokens / step_tokens))

@@ -1,0 +1,58 @@
+"""pretrain killed midway resumes from its checkpoint; several processes train through torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tasks.runner import execute, plan
+from tests.tasks.test_pretrain import FAST_PRETRAIN, run_until, tiny_project
+
+pytestmark = pytest.mark.slow
+
+
+def test_killed_pretrain_resumes_from_its_checkpoint(tmp_path):
+    clean = run_until(tiny_project(tmp_path / "clean"), "pretrain")["pretrain"].record.metrics
+
+    factory = tiny_project(tmp_path / "killed")
+    run_until(factory, "tokenizer")
+    spec_path = factory.write(**factory.sections)
+    code = ("import sys; from flows.cli import main; "
+            f"sys.exit(main(['run', {str(spec_path)!r}, '--store', {str(factory.store.root)!r}, '--only', 'pretrain']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(factory.store.local_root.glob(".work/pretrain/*/checkpoint.pt")):
+        assert proc.poll() is None, "pretrain ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(factory.store.local_root.glob("pretrain/*/artifact.json"))
+
+    spec = factory.load(**factory.sections)
+    row = [r for r in plan(spec, factory.store) if r.name == "pretrain"][0]
+    m = execute(row, spec, factory.store).record.metrics
+    assert m["resumed_from_step"] >= 10
+    # The data order depends only on the step, so the resumed run ends where a clean one does.
+    assert m["steps"] == clean["steps"] and m["tokens_seen"] == clean["tokens_seen"]
+    assert m["val_loss_initial"] == pytest.approx(clean["val_loss_initial"], abs=1e-6)
+    assert m["val_loss_final"] == pytest.approx(clean["val_loss_final"], abs=1e-3)
+    assert not list(factory.store.local_root.glob(".work/pretrain/*"))  # scratch removed once published
+
+
+def test_two_processes_through_torchrun(tmp_path):
+    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP."""
+    factory = tiny_project(tmp_path, resources={"pretrain": {"gpus": 2}})
+    result = run_until(factory, "pretrain", pretrain={**FAST_PRETRAIN, "tokens": 16_384})["pretrain"]
+    m = result.record.metrics
+    assert m["processes"] == 2
+    assert m["batch_tokens_effective"] == 2048  # the effective batch is kept across processes
+    assert m["val_loss_final"] < m["val_loss_initial"]
+    assert (result.record.files.keys() >= {"model.safetensors", "config.json", "loss_curve.csv"})
