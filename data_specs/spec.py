@@ -240,6 +240,88 @@ class PretrainSpec(OptimSpec):
     model: ModelSpec = ModelSpec()
 
 
+# ---------------------------------------------------------------- qa and midtrain
+
+
+class OpenAISpec(Section):
+    """Any OpenAI-compatible chat endpoint. The key is read from an environment variable or a
+    Prefect Secret block at run time and never written anywhere."""
+
+    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str | None = unkeyed("OPENAI_API_KEY", description="Environment variable holding the key.")
+    secret_block: str | None = unkeyed(None, description="Prefect Secret block holding the key (used first when set).")
+    concurrency: int = unkeyed(4, ge=1, le=64, description="Requests in flight at once.")
+    max_retries: int = unkeyed(6, ge=0, description="Retries of a 429/5xx/timeout, with exponential backoff.")
+    timeout_s: float = unkeyed(60.0, gt=0, description="Timeout of one request, in seconds.")
+    chunk_chars: int = Field(3000, ge=200, description="Characters of a document sent per request.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0: reproducible).")
+
+
+class ModelGeneratorSpec(Section):
+    """A local causal-LM folder prompted to write question-answer pairs."""
+
+    path: str = unkeyed(description="Model folder (save_pretrained); its content enters the cache key.")
+    batch_size: int = unkeyed(8, ge=1, description="Prompts generated at once.")
+    max_new_tokens: int = Field(128, ge=8, description="Tokens generated per prompt.")
+    chunk_chars: int = Field(1500, ge=200, description="Characters of a document per prompt.")
+
+
+class QASpec(Section):
+    """Documents converted into question-answer pairs with provenance."""
+
+    generator: Literal["rule", "model", "openai"] = Field("rule", description="Who writes the pairs.")
+    per_doc: int = Field(8, ge=1, description="Most pairs kept per document.")
+    min_answer_chars: int = Field(3, ge=1, description="Shortest answer kept, in characters.")
+    max_answer_chars: int = Field(300, ge=10, description="Longest answer kept, in characters.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    split_by: Literal["question", "document"] = Field(
+        "question", description="Hold out questions (their documents stay in training: tests what the model "
+        "absorbed) or whole documents (tests generalisation to unseen documents).")
+    paraphrases: int = Field(0, ge=0, le=10, description="Rewordings added per train question (Ovadia et al. 2023).")
+    seed: int = Field(0, description="Seed of the split and sampling.")
+    openai: OpenAISpec | None = Field(None, description="Settings of the openai generator.")
+    model: ModelGeneratorSpec | None = Field(None, description="Settings of the model generator.")
+
+    @model_validator(mode="after")
+    def _generator_settings(self) -> QASpec:
+        if self.generator == "openai" and self.openai is None:
+            raise ValueError("generator 'openai' needs an `openai:` section (base_url, model)")
+        if self.generator == "model" and self.model is None:
+            raise ValueError("generator 'model' needs a `model:` section (path)")
+        return self
+
+
+class EvalSpec(Section):
+    """Evaluation settings (the eval stage arrives later; `questions` is read by qa already)."""
+
+    questions: str | None = unkeyed(None, description="A reviewer's question file (JSONL: question, answers or "
+                                    "answer, optional doc_id); its content enters the cache key.")
+
+
+class MixSpec(Section):
+    """Mixture of mid-training data, as shares of training tokens."""
+
+    docs: float = Field(0.5, ge=0, description="Share of raw documents.")
+    qa: float = Field(0.5, ge=0, description="Share of train question-answer pairs rendered as text.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> MixSpec:
+        if self.docs + self.qa <= 0:
+            raise ValueError("the mixture weights must not all be zero")
+        return self
+
+
+class MidtrainSpec(OptimSpec):
+    """Continued training of the pretrained model on documents mixed with Q&A text."""
+
+    mix: MixSpec = MixSpec()
+    tokens: int = Field(500_000, ge=1, description="Training budget, in tokens.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (below pretrain's: the model is not new).")
+    warmup_fraction: float = Field(0.02, ge=0, lt=1, description="Share of steps spent warming up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Decays to zero: mid-training ends annealed.")
+
+
 class StageResources(Section):
     """Hardware for one training stage. Never part of a cache key."""
 
@@ -251,6 +333,7 @@ class ResourcesSpec(Section):
     """Hardware per stage."""
 
     pretrain: StageResources = StageResources()
+    midtrain: StageResources = StageResources()
 
 
 # ---------------------------------------------------------------- execution
@@ -273,6 +356,9 @@ class RunSpec(Section):
     dedup: DedupSpec = DedupSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
     pretrain: PretrainSpec = PretrainSpec()
+    qa: QASpec = QASpec()
+    midtrain: MidtrainSpec = MidtrainSpec()
+    eval: EvalSpec = EvalSpec()
     executor: ExecutorSpec = ExecutorSpec()
     resources: ResourcesSpec = ResourcesSpec()
 

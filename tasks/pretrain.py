@@ -11,20 +11,18 @@ Alone:   gristmill run SPEC --only pretrain
 Documents are split by document into train/validation, tokenized, and packed into blocks
 of `context` tokens with EOS between documents. A killed run resumes from the checkpoint
 in the stage's work folder. With `resources.pretrain.gpus > 1` the loop runs in that many
-torchrun processes (DDP); tasks/train_worker.py is their entry point.
+torchrun processes (DDP, tasks/distributed.py).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from data_specs.spec import PretrainSpec, RunSpec
+from tasks.distributed import launch
 from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.fingerprint import tree_digest
@@ -79,14 +77,14 @@ def make_model(spec: RunSpec, tokenizer) -> tuple[torch.nn.Module, int]:
     return model, block
 
 
-def run(spec: RunSpec, docs: Path, tokenizer_dir: Path, out: Path, work: Path, dist: Dist) -> Metrics:
+def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Metrics:
     """The work of one process: data, model, loop; the main process saves the artifact."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs["tokenizer"]))
     model, block = make_model(spec, tokenizer)
-    train, val = packed_splits(iter_documents(docs), tokenizer, block, spec.pretrain.val_fraction,
-                               spec.pretrain.seed, f"{spec.spec_path}: pretrain")
+    train, val = packed_splits(iter_documents(inputs["dedup"] / "documents"), tokenizer, block,
+                               spec.pretrain.val_fraction, spec.pretrain.seed, f"{spec.spec_path}: pretrain")
     result = train_loop(model, train, val, spec.pretrain, work, pick_device(dist), dist, label="pretrain")
     if dist.main:
         model.save_pretrained(str(out), safe_serialization=True)
@@ -95,32 +93,11 @@ def run(spec: RunSpec, docs: Path, tokenizer_dir: Path, out: Path, work: Path, d
     return result.metrics
 
 
-def launch(spec: RunSpec, docs: Path, tokenizer_dir: Path, out: Path, work: Path, processes: int) -> Metrics:
-    """Runs `run` in `processes` torchrun processes and returns the main process's metrics."""
-    job = work / "job.json"
-    job.write_text(json.dumps({"spec": spec.model_dump(mode="json", by_alias=True), "spec_path": str(spec.spec_path),
-                               "docs": str(docs), "tokenizer": str(tokenizer_dir), "out": str(out), "work": str(work)}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "tasks.train_worker", str(job)]
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL)
-    result = work / "result.json"
-    if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"torchrun with {processes} processes exited with code {proc.returncode}")
-    answer = json.loads(result.read_text())
-    if "input_error" in answer:
-        raise InputError(answer["input_error"])
-    return answer["metrics"]
-
-
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Trains the model and writes it with its tokenizer and loss curve."""
     start = time.perf_counter()
-    docs, tokenizer_dir = inputs["dedup"] / "documents", inputs["tokenizer"]
     processes = spec.resources.pretrain.gpus
-    if processes > 1:
-        metrics = launch(spec, docs, tokenizer_dir, out, work, processes)
-    else:
-        metrics = run(spec, docs, tokenizer_dir, out, work, Dist())
+    metrics = launch("pretrain", spec, inputs, out, work, processes) if processes > 1 else run(spec, inputs, out, work, Dist())
     metrics["wall_s"] = round(time.perf_counter() - start, 3)
     return metrics
 

@@ -7,7 +7,8 @@
 
 A stage reads its spec section and the artifacts of the stages it needs (`inputs[name]`
 is a local folder), writes only into `out` (fresh and empty), may keep resumable state in
-`work` (kept across attempts of the same fingerprint), and returns JSON-able metrics. It
+`work` (kept across attempts of the same fingerprint; `shared_cache(work)` is kept across
+fingerprints), and returns JSON-able metrics. It
 never reads environment variables, global paths or another stage's folder by name. The
 machinery around it (fingerprint, cache, temp folder, publish, record) is in `runner.py`.
 """
@@ -23,6 +24,15 @@ from data_specs.spec import RunSpec
 
 Inputs = Mapping[str, Path]
 Metrics = dict[str, Any]
+
+
+def shared_cache(work: Path) -> Path:
+    """A folder every fingerprint of a stage shares (e.g. an API response cache, so a rerun
+    with a changed spec does not pay for the same request twice). It sits beside the
+    per-fingerprint work folders and is never part of an artifact."""
+    path = work.parent / "_shared"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def no_external_inputs(spec: RunSpec) -> dict[str, str]:

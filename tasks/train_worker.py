@@ -1,4 +1,4 @@
-"""Entry point of one torchrun process for a multi-process training stage.
+"""Entry point of one torchrun process of a multi-process training stage.
 
     python -m torch.distributed.run --nproc-per-node=N -m tasks.train_worker JOB.json
 
@@ -8,6 +8,7 @@ point is the one place that reads them. The main process writes result.json besi
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -18,29 +19,27 @@ import torch.distributed as torch_dist
 
 from data_specs.spec import RunSpec
 from tasks.errors import InputError
-from tasks.pretrain import run
 from tasks.training import Dist
 
 
 def main(job_path: str) -> int:
-    """Joins the process group, trains its share, and (main process) reports the metrics."""
+    """Joins the process group, runs its share of the stage, and (main process) reports."""
     job = json.loads(Path(job_path).read_text())
     dist = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"  # gloo: CPU processes, to test the launch path
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank)
-    torch_dist.init_process_group(backend=backend)
+    torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")  # gloo: CPU test path
     spec = RunSpec.model_validate(job["spec"])
     spec._spec_path = Path(job["spec_path"])
-    result_path = Path(job["work"]) / "result.json"
+    stage = importlib.import_module(f"tasks.{job['stage']}")
+    inputs = {k: Path(v) for k, v in job["inputs"].items()}
     try:
-        metrics = run(spec, Path(job["docs"]), Path(job["tokenizer"]), Path(job["out"]), Path(job["work"]), dist)
-        answer = {"metrics": metrics}
+        answer = {"metrics": stage.run(spec, inputs, Path(job["out"]), Path(job["work"]), dist)}
     except InputError as e:
         answer = {"input_error": str(e)}
     if dist.main:
-        result_path.write_text(json.dumps(answer))
+        (Path(job["work"]) / "result.json").write_text(json.dumps(answer))
     torch_dist.destroy_process_group()
     return 0
 

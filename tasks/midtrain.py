@@ -1,0 +1,113 @@
+"""midtrain: the pretrained model trains further on documents mixed with Q&A pairs as text.
+
+Reads:   the pretrain artifact (model + tokenizer), the dedup artifact's documents/, and the
+         qa artifact's train.jsonl.
+Writes:  the model (safetensors) and tokenizer, loss_curve.csv, and mixture.json (the weights,
+         the blocks drawn from each source, and how many each source had).
+Metrics: those of the training loop (tasks/training.py), as for pretrain, plus the mixture.
+Alone:   gristmill run SPEC --only midtrain
+
+Both sources are packed into blocks of the model's context; the training set draws blocks
+from each in proportion to `mix` (a seeded sample, with replacement when a source is smaller
+than its share). Validation holds out documents and Q&A pairs by id. The learning rate
+decays to zero, so mid-training ends annealed. The loop, checkpoints and resume are
+pretrain's (tasks/training.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from data_specs.spec import RunSpec
+from tasks.distributed import launch
+from tasks.documents import iter_documents
+from tasks.errors import InputError
+from tasks.lm_data import is_validation, pack, split_by_document
+from tasks.stage import Inputs, Metrics, Stage
+from tasks.training import Dist, pick_device, train_loop, write_curve
+
+
+def qa_text(question: str, answer: str) -> str:
+    """How a Q&A pair reads in the mid-training mixture."""
+    return f"Question: {question}\nAnswer: {answer}"
+
+
+def read_qa(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def draw(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` blocks from a source: a seeded permutation, repeated or cut to length."""
+    if n == 0 or len(blocks) == 0:
+        return blocks[:0]
+    g = torch.Generator().manual_seed(seed)
+    reps = -(-n // len(blocks))
+    order = torch.cat([torch.randperm(len(blocks), generator=g) for _ in range(reps)])[:n]
+    return blocks[order]
+
+
+def mixture(spec: RunSpec, inputs: Inputs, tokenizer, block: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train blocks, validation blocks, manifest) of the documents + Q&A mixture."""
+    cfg = spec.midtrain
+    doc_train, doc_val = split_by_document(iter_documents(inputs["dedup"] / "documents"), cfg.val_fraction, cfg.seed)
+    pairs = read_qa(inputs["qa"] / "train.jsonl")
+    qa_train = [qa_text(p["question"], p["answer"]) for p in pairs if not is_validation(p["id"], cfg.val_fraction, cfg.seed)]
+    qa_val = [qa_text(p["question"], p["answer"]) for p in pairs if is_validation(p["id"], cfg.val_fraction, cfg.seed)]
+    sources = {"docs": (pack(doc_train, tokenizer, block), pack(doc_val, tokenizer, block)),
+               "qa": (pack(qa_train, tokenizer, block), pack(qa_val, tokenizer, block))}
+    weights = {"docs": cfg.mix.docs, "qa": cfg.mix.qa}
+    for name, (train, _) in sources.items():
+        if weights[name] > 0 and len(train) == 0:
+            raise InputError(f"{spec.spec_path}: midtrain.mix.{name} is {weights[name]} but the {name} source "
+                             f"has no full block of {block} tokens; lower its weight to 0 or add data")
+    total = sum(len(train) for train, _ in sources.values())
+    share = {k: w / sum(weights.values()) for k, w in weights.items()}
+    drawn = {k: round(share[k] * total) for k in sources}
+    train = torch.cat([draw(sources[k][0], drawn[k], cfg.seed + i) for i, k in enumerate(sources)])
+    val = torch.cat([sources[k][1] for k in sources if weights[k] > 0])
+    if len(val) == 0:
+        raise InputError(f"{spec.spec_path}: midtrain: no validation block of {block} tokens; raise val_fraction")
+    manifest = {"weights": weights, "blocks_drawn": drawn, "blocks_available": {k: len(v[0]) for k, v in sources.items()},
+                "validation_blocks": {k: len(v[1]) for k, v in sources.items()}, "block_tokens": block,
+                "qa_format": qa_text("{question}", "{answer}")}
+    return train, val, manifest
+
+
+def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Metrics:
+    """The work of one process: the mixture, the loop; the main process saves the artifact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs["pretrain"]))
+    model = AutoModelForCausalLM.from_pretrained(str(inputs["pretrain"]), use_safetensors=True, dtype=torch.float32)
+    train, val, manifest = mixture(spec, inputs, tokenizer, model.config.max_position_embeddings)
+    result = train_loop(model, train, val, spec.midtrain, work, pick_device(dist), dist, label="midtrain")
+    if dist.main:
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        write_curve(result.curve, out / "loss_curve.csv")
+        (out / "mixture.json").write_text(json.dumps(manifest, indent=2))
+    return {**result.metrics, "mixture": manifest["blocks_drawn"]}
+
+
+def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+    """Mid-trains the pretrained model on the mixture."""
+    start = time.perf_counter()
+    processes = spec.resources.midtrain.gpus
+    metrics = launch("midtrain", spec, inputs, out, work, processes) if processes > 1 else run(spec, inputs, out, work, Dist())
+    metrics["wall_s"] = round(time.perf_counter() - start, 3)
+    return metrics
+
+
+STAGE = Stage(
+    name="midtrain",
+    needs=("pretrain", "dedup", "qa"),
+    build=build,
+    spec_view=lambda spec: {"midtrain": spec.midtrain.cache_view()},
+    libs=("torch", "transformers"),
+    module=__name__,
+)
