@@ -11,7 +11,9 @@ Alone:   gristmill run SPEC --only qa
 
 The split is deterministic by seed: a hash of the question (split_by: question) or of the
 document id (split_by: document) against eval_fraction. Decontamination: no train question
-(paraphrases included) equals an eval question after normalisation. With `eval.questions`
+(paraphrases included) equals an eval question after normalisation. A generated answer that
+is not found verbatim in its document is rejected (answer_not_in_document): every kept
+answer is grounded in the corpus, which keeps the RAG-vs-fine-tune comparison fair. With `eval.questions`
 every generated pair is train, less those matching one of the reviewer's questions.
 """
 
@@ -66,6 +68,8 @@ def _filter(pairs: list[Pair], spec: RunSpec, rejects: list[dict]) -> list[Pair]
     kept, per_doc, seen = [], Counter(), set()
     for pair in pairs:
         reason = reject_reason(pair, spec.qa.min_answer_chars, spec.qa.max_answer_chars)
+        if reason is None and pair.span is None:
+            reason = "answer_not_in_document"  # generated, not copied: nothing grounds it
         key = (pair.doc_id, normalize_question(pair.question))
         if reason is None and key in seen:
             reason = "duplicate_question"

@@ -37,8 +37,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 _MEMBER = re.compile(r"^(#{2,3}) ([A-Za-z_][\w.]*)\((.*)\)[ \t]*$", re.M)
 _GRAMMAR = re.compile(r"^[ \t]+([a-z_][a-z0-9_]*)[ \t]+::=[ \t]+(\S.*?)[ \t]*$", re.M)
-_DEFINITION = re.compile(r"(?:^|(?<=\.\s))((?:[A-Z][a-z]+|\"\w+\")(?: [a-z\"]+\w*\"?){0,3}) (is|are) "
+_DEFINITION = re.compile(r"(?:^|(?<=\.\s))((?:(?:A|An|The) [a-z]+|[A-Z][a-z]+|\"\w+\")(?: [a-z\"]+\w*\"?){0,3}) (is|are) "
                          r"((?:a|an|the|one) [^.:\n]*(?:\n[^.:\n]+)*[.:])", re.M)
+# Sentence openers that are not the thing being defined ("If the value is a ...").
+_NOT_SUBJECTS = {"This", "That", "It", "There", "These", "Those", "Which", "What", "If", "When", "Otherwise",
+                 "Then", "Here", "Note", "Also", "Since", "Because", "Unless", "While", "Where", "Each", "Both"}
 _SENTENCE_END = re.compile(r"[.:](?=\s|$)")
 
 
@@ -100,7 +103,8 @@ def definition_pairs(doc_id: str, text: str) -> Iterator[Pair]:
     """`definition` pairs: "X is a Y." sentences."""
     for m in _DEFINITION.finditer(text):
         subject = m.group(1)
-        if subject.split()[0] in ("This", "That", "It", "There", "These", "Those", "Which", "What"):
+        words = subject.split()
+        if words[0] in _NOT_SUBJECTS or words[-1] in ("following", "same", "other", "result", "value"):
             continue
         answer_span = (m.start(3), m.end(3) - 1)  # without the closing period
         subject_text = subject[0].lower() + subject[1:] if not subject.startswith('"') else subject

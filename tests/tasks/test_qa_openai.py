@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -50,8 +51,9 @@ class FakeOpenAI:
                     return statuses.pop(0), ""
         if "GARBLE" in passage:
             return 200, "not json"
-        first = re.match(r"[^.]*\.", passage).group(0)
-        pairs = [{"question": "What does the passage say first?", "answer": first},
+        first = (re.match(r"[^.]*\.", passage) or re.match(r"\s*[^\n]+", passage)).group(0)  # a sentence, else a line
+        topic = " ".join(passage.split()[:6])
+        pairs = [{"question": f"What does the passage starting '{topic}' say first?", "answer": first},
                  {"question": "What is invented?", "answer": "words that are not in the passage"}]
         return 200, "```json\n" + json.dumps(pairs) + "\n```"  # fenced, as chat models often do
 
@@ -202,9 +204,11 @@ def test_gives_up_after_max_retries(server, tmp_path):
 
 
 def test_connection_errors_are_retried_then_reported(tmp_path):
-    # Port 9 on 127.0.0.1 (discard) refuses connections on a machine without that service.
-    client = ChatClient(make_spec("http://127.0.0.1:9/v1", max_retries=1), KEY, tmp_path)
-    with pytest.raises(RuntimeError, match=r"127\.0\.0\.1:9/v1/chat/completions.*ConnectError"):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = ChatClient(make_spec(f"http://127.0.0.1:{port}/v1", max_retries=1), KEY, tmp_path)
+    with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions.*ConnectError"):
         client.complete_many([[{"role": "user", "content": "hi"}]])
     assert client.stats["retries"] == 1
 
@@ -323,3 +327,35 @@ def test_the_key_leaks_nowhere(server, tmp_path, monkeypatch, caplog, capsys):
     assert KEY not in captured.out and KEY not in captured.err
     assert caplog.records and KEY not in caplog.text
     assert all(KEY not in str(r.args) for r in caplog.records)
+
+
+def test_qa_stage_with_the_openai_generator(server, tmp_path, monkeypatch):
+    """The whole qa stage on tiny's documents: pairs, paraphrases, a free rerun, and the key in
+    no file of the store (artifacts, caches, work folders)."""
+    from tasks.runner import execute, plan
+    from tests.tasks.test_pretrain import tiny_project
+
+    state, base_url = server
+    monkeypatch.setenv(KEY_ENV, KEY)
+    qa = {"generator": "openai", "per_doc": 2, "paraphrases": 1,
+          "openai": {"base_url": base_url, "model": "fake", "api_key_env": KEY_ENV, "chunk_chars": 400}}
+    factory = tiny_project(tmp_path / "p", qa=qa)
+    spec = factory.load(**factory.sections)
+    results = {}
+    for row in plan(spec, factory.store):
+        if row.name in ("ingest", "dedup", "qa"):
+            results[row.name] = execute(row, spec, factory.store)
+    m = results["qa"].record.metrics
+    assert m["by_generator"] == {"openai": m["pairs_kept"]} and m["pairs_kept"] > 0
+    assert m["paraphrases"] > 0 and m["openai_requests"] > 0
+    assert m["rejected_by_reason"]["answer_not_in_document"] > 0  # the server's invented answers
+
+    # A changed spec (another seed) re-runs qa; every request is answered from the cache.
+    spec2 = factory.load(**{**factory.sections, "qa": {**qa, "seed": 5}})
+    row = [r for r in plan(spec2, factory.store) if r.name == "qa"][0]
+    m2 = execute(row, spec2, factory.store).record.metrics
+    assert m2["openai_requests"] == 0 and m2["openai_cache_hits"] > 0
+
+    for path in (tmp_path / "p").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
