@@ -47,6 +47,6 @@ def test_docs_only_mixture(midtrained, tmp_path):
 
 def test_a_weighted_source_without_a_block_is_bad_input(tmp_path):
     factory = tiny_project(tmp_path, qa={"per_doc": 1}, pretrain={
-        "model": {"preset": "tiny", "context": 2048}, "tokens": 4096, "batch_tokens": 4096, "micro_batch": 2})
+        "model": {"preset": "tiny", "context": 2048}, "tokens": 4096, "batch_tokens": 4096, "micro_batch": 2, "val_fraction": 0.25})
     with pytest.raises(InputError, match=r"midtrain.mix.qa is 0.5 but the qa source has no full block of 2048 tokens"):
         run_until(factory, "midtrain", midtrain={**MID, "batch_tokens": 4096, "micro_batch": 2})
