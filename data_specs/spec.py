@@ -322,6 +322,59 @@ class MidtrainSpec(OptimSpec):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Decays to zero: mid-training ends annealed.")
 
 
+# ---------------------------------------------------------------- sft and dpo
+
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(Section):
+    """LoRA adapters (PEFT). Defaults: every linear layer, alpha = 2r (QLoRA, Dettmers et al. 2023)."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: tuple[str, ...] = Field(LLAMA_LINEAR, min_length=1, description="Module names to adapt.")
+
+
+class FinetuneSpec(Section):
+    """What SFT and DPO share: adapters, epochs, optimisation, checkpoints."""
+
+    lora: LoraSpec | None = Field(LoraSpec(), description="LoRA settings; null for full fine-tuning.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training examples.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step (per process).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int | None = Field(None, ge=16, description="Longest example in tokens (default: the model's context).")
+    seed: int = Field(0, description="Seed of data order and adapter initialisation.")
+    save_steps: int = unkeyed(50, ge=1, description="Resumable checkpoint every this many steps.")
+
+
+class SFTSpec(FinetuneSpec):
+    """Supervised fine-tuning on the train Q&A pairs in chat form (TRL SFTTrainer)."""
+
+    packing: bool = Field(True, description="Pack short examples into full sequences (best-fit decreasing).")
+    context_fraction: float = Field(0.3, ge=0, le=1, description="Share of examples shown with their source "
+                                    "passage and distractors, answered from the source (RAFT, Zhang et al. 2024).")
+    distractors: int = Field(2, ge=0, description="Passages from other documents added to a grounded example.")
+    passage_chars: int = Field(600, ge=50, description="Characters of a passage around the answer's evidence.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of examples held out for val_loss.")
+    answer_sample: int = Field(64, ge=1, description="Train questions whose greedy answers give answer_f1_*.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer for answer_f1_*.")
+
+
+class DPOSpec(FinetuneSpec):
+    """Direct preference optimisation on chosen (reference) vs rejected answers (TRL DPOTrainer)."""
+
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA; full fine-tuning wants ~5e-7).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
+    beta: float = Field(0.1, gt=0, description="KL strength (DPO paper, Rafailov et al. 2023).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss variant.")
+    rejected_f1_threshold: float = Field(0.5, ge=0, le=1, description="The SFT model's own answer is the rejected "
+                                         "one when its token F1 to the reference is below this.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated for the SFT model's own answers.")
+
+
 class StageResources(Section):
     """Hardware for one training stage. Never part of a cache key."""
 
@@ -358,6 +411,8 @@ class RunSpec(Section):
     pretrain: PretrainSpec = PretrainSpec()
     qa: QASpec = QASpec()
     midtrain: MidtrainSpec = MidtrainSpec()
+    sft: SFTSpec = SFTSpec()
+    dpo: DPOSpec = DPOSpec()
     eval: EvalSpec = EvalSpec()
     executor: ExecutorSpec = ExecutorSpec()
     resources: ResourcesSpec = ResourcesSpec()

@@ -58,7 +58,7 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
         return Failed(message=str(e), data=e)
 
 
-@flow(name="gristmill-pipeline", log_prints=True)
+@flow(name="gristmill-pipeline")
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
                        only: str | None = None, force: list[str] | None = None) -> list[StageResult] | State:
     """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store."""

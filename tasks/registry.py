@@ -1,10 +1,10 @@
 """The pipeline's stages in order. A new stage is one module in tasks/ plus one line here."""
 
-from tasks import dedup, ingest, midtrain, pretrain, qa, tokenizer
+from tasks import dedup, dpo, ingest, midtrain, pretrain, qa, sft, tokenizer
 from tasks.errors import InputError
 from tasks.stage import Stage
 
-STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE, tokenizer.STAGE, pretrain.STAGE, qa.STAGE, midtrain.STAGE)
+STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE, tokenizer.STAGE, pretrain.STAGE, qa.STAGE, midtrain.STAGE, sft.STAGE, dpo.STAGE)
 
 
 def stage_names() -> list[str]:

@@ -1,0 +1,114 @@
+"""dpo: direct preference optimisation of the SFT model: right answers over its own wrong ones.
+
+Reads:   the sft artifact's model/ and the qa artifact's train.jsonl.
+Writes:  preferences.jsonl (prompt, chosen, rejected, how the rejected answer was made, the SFT
+         answer's F1), adapter/ (with LoRA), model/ (merged), lineage.json.
+Metrics: reward_accuracy_final, reward_margin_final, reward_margin_initial, loss_final,
+         pairs, rejected_by_source, resumed_from_step.
+Alone:   gristmill run SPEC --only dpo
+
+Preference pairs: the prompt is the question (the eval prompt template, closed book); chosen is
+the reference answer; rejected is the SFT model's own greedy answer when its token F1 to the
+reference is below `rejected_f1_threshold`, else the answer of another question, from the
+same document when there is one. TRL's DPOTrainer; with LoRA the reference model is the SFT
+model with the adapter disabled (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from data_specs.spec import RunSpec
+from eval.generate import generate
+from eval.metrics import token_f1
+from eval.prompts import chat
+from tasks.finetune import history, load_model, lora_config, save_models, train, trainer_kwargs
+from tasks.sft import read_pairs
+from tasks.stage import Inputs, Metrics, Stage
+
+# Final / initial values of noisy per-step logs: the mean over this share of the steps at each end.
+WINDOW = 0.2
+
+
+def preference_pairs(spec: RunSpec, pairs: list[dict], own: list[str]) -> list[dict[str, Any]]:
+    """One preference pair per train pair (see the module docstring for the rejected answer)."""
+    rng = random.Random(spec.dpo.seed)
+    by_doc: dict[str, list[dict]] = defaultdict(list)
+    for p in pairs:
+        by_doc[p["doc_id"]].append(p)
+    out = []
+    for pair, answer in zip(pairs, own):
+        f1 = token_f1(answer, [pair["answer"]])
+        if answer.strip() and f1 < spec.dpo.rejected_f1_threshold:
+            rejected, source = answer, "sft_answer"
+        else:
+            same = [p["answer"] for p in by_doc[pair["doc_id"]] if p["answer"] != pair["answer"]]
+            if same:
+                rejected, source = rng.choice(same), "same_document_answer"
+            else:
+                others = [p for p in rng.sample(pairs, min(len(pairs), 8)) if p["answer"] != pair["answer"]]
+                if not others:
+                    continue
+                rejected, source = others[0]["answer"], "other_document_answer"
+        out.append({"id": pair["id"], "prompt": chat(pair["question"]), "chosen": pair["answer"],
+                    "rejected": rejected, "rejected_source": source, "sft_answer_f1": round(f1, 4)})
+    return out
+
+
+def _window_mean(values: list[float], last: bool) -> float | None:
+    if not values:
+        return None
+    n = max(1, round(WINDOW * len(values)))
+    return mean(values[-n:] if last else values[:n])
+
+
+def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+    """Builds the preference pairs and trains with TRL's DPOTrainer."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = spec.dpo
+    model, tokenizer = load_model(inputs["sft"] / "model")
+    max_length = cfg.max_length or model.config.max_position_embeddings
+    pairs = [p for p in read_pairs(inputs["qa"] / "train.jsonl") if "paraphrase_of" not in p]
+    own = [g.text for g in generate(model, tokenizer, [chat(p["question"]) for p in pairs], cfg.max_new_tokens)]
+    prefs = preference_pairs(spec, pairs, own)
+    with (out / "preferences.jsonl").open("w", encoding="utf-8") as f:
+        for row in prefs:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in prefs])
+    peft = lora_config(cfg.lora, model, "dpo") if cfg.lora else None
+    args = DPOConfig(**trainer_kwargs(cfg, work, max_length), beta=cfg.beta, loss_type=[cfg.loss_type])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
+    resumed = train(trainer, work)
+
+    lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+    lineage.update({"base_model": "sft artifact (model/)",
+                    "reference_model": "the sft model with the adapter disabled" if cfg.lora else
+                    "a frozen copy of the sft model"})
+    (out / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    accuracies, margins = history(trainer, "rewards/accuracies"), history(trainer, "rewards/margins")
+    return {"reward_accuracy_final": _window_mean(accuracies, last=True),
+            "reward_margin_final": _window_mean(margins, last=True),
+            "reward_margin_initial": _window_mean(margins, last=False),
+            "loss_final": _window_mean(history(trainer, "loss"), last=True),
+            "pairs": len(prefs), "rejected_by_source": dict(Counter(r["rejected_source"] for r in prefs)),
+            "resumed_from_step": resumed, "steps": trainer.state.global_step, "lora": cfg.lora is not None,
+            "lineage": lineage}
+
+
+STAGE = Stage(
+    name="dpo",
+    needs=("sft", "qa"),
+    build=build,
+    spec_view=lambda spec: {"dpo": spec.dpo.cache_view()},
+    libs=("torch", "transformers", "trl", "peft", "accelerate"),
+    module=__name__,
+)

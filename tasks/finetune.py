@@ -1,0 +1,92 @@
+"""What the SFT and DPO stages share: LoRA set-up, trainer arguments, resume, and saving
+an adapter plus a merged model that plain transformers can load."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_specs.spec import FinetuneSpec, LoraSpec
+from tasks.errors import InputError
+
+TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept across a killed run
+
+
+def load_model(path: Path):
+    """(model, tokenizer) of an upstream artifact's model folder, fp32, safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The short names of the model's linear layers (what LoRA can target)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def lora_config(spec: LoraSpec, model: torch.nn.Module, where: str):
+    """A PEFT LoraConfig; target modules the model lacks are bad input that lists what it has."""
+    from peft import LoraConfig
+
+    have = linear_module_names(model)
+    missing = [t for t in spec.target_modules if t not in have]
+    if missing:
+        raise InputError(f"{where}.lora.target_modules: the model has no {', '.join(missing)}; "
+                         f"its linear modules are: {', '.join(have)}")
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+
+
+def trainer_kwargs(spec: FinetuneSpec, work: Path, max_length: int) -> dict[str, Any]:
+    """Arguments every TRL config here gets (SFTConfig and DPOConfig are TrainingArguments)."""
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(work / TRAINER_DIR), num_train_epochs=spec.epochs, learning_rate=spec.lr,
+        per_device_train_batch_size=spec.batch_size, per_device_eval_batch_size=spec.batch_size,
+        warmup_steps=spec.warmup_ratio, weight_decay=spec.weight_decay, lr_scheduler_type="cosine",
+        max_length=max_length, seed=spec.seed, data_seed=spec.seed, logging_steps=1,
+        save_strategy="steps", save_steps=spec.save_steps, save_total_limit=1, report_to="none",
+        bf16=cuda, use_cpu=not cuda, disable_tqdm=not sys.stderr.isatty(), dataloader_num_workers=0,
+    )
+
+
+def last_checkpoint(work: Path) -> tuple[str | None, int]:
+    """(checkpoint folder a killed run left, its step), or (None, 0)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = work / TRAINER_DIR
+    path = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return (path, int(path.rsplit("-", 1)[-1])) if path else (None, 0)
+
+
+def train(trainer, work: Path) -> int:
+    """Runs the trainer, resuming from a checkpoint of a killed run; returns the step resumed from."""
+    checkpoint, step = last_checkpoint(work)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return step
+
+
+def save_models(model, tokenizer, out: Path, lora: bool) -> dict[str, Any]:
+    """The adapter (with LoRA) in out/adapter and a merged model in out/model; returns lineage facts."""
+    if lora:
+        model.save_pretrained(str(out / "adapter"))
+        model = model.merge_and_unload()
+    model.save_pretrained(str(out / "model"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out / "model"))
+    return {"adapters_merged": lora, "adapter": "adapter" if lora else None, "model": "model"}
+
+
+def history(trainer, key: str) -> list[float]:
+    """Every logged value of one training metric, in order."""
+    return [row[key] for row in trainer.state.log_history if key in row]
+
+
+def tokens_per_second(trainer, tokens: int) -> float:
+    """Training tokens (examples x epochs, after packing) over the trainer's measured runtime."""
+    runtime = next((row["train_runtime"] for row in reversed(trainer.state.log_history) if "train_runtime" in row), None)
+    return tokens / runtime if runtime else 0.0

@@ -1,0 +1,133 @@
+"""sft: supervised fine-tuning of the midtrained model on the train Q&A pairs in chat form.
+
+Reads:   the midtrain artifact (model + tokenizer), the qa artifact's train.jsonl, and the dedup
+         artifact's documents/ (passages for grounded examples).
+Writes:  adapter/ (with LoRA), model/ (merged, loadable with plain transformers), and
+         examples_sample.jsonl (the first examples as trained, to read).
+Metrics: train_loss_final, val_loss_final, tokens_per_s, answer_f1_before, answer_f1_after,
+         examples, grounded, grounded_too_long, resumed_from_step.
+Alone:   gristmill run SPEC --only sft
+
+TRL's SFTTrainer with the tokenizer's chat template, loss on assistant tokens only, and
+best-fit packing. A `context_fraction` of the examples show the question with its source
+passage and `distractors` passages from other documents, answered from the source (RAFT),
+so the model also learns to use retrieved context; one that would not fit the context
+window is trained closed book instead (counted as grounded_too_long). answer_f1_before /
+_after: token F1 of greedy answers to a fixed sample of train questions, before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from data_specs.spec import RunSpec
+from eval.generate import generate
+from eval.metrics import token_f1
+from eval.prompts import chat
+from tasks.documents import iter_documents
+from tasks.finetune import history, load_model, lora_config, save_models, tokens_per_second, train, trainer_kwargs
+from tasks.lm_data import is_validation
+from tasks.stage import Inputs, Metrics, Stage
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def passage(text: str, span: list[int] | None, chars: int, rng: random.Random) -> str:
+    """About `chars` characters of a document around the evidence (or at random without one)."""
+    if span is None:
+        start = rng.randrange(max(1, len(text) - chars))
+    else:
+        middle = (span[0] + span[1]) // 2
+        start = max(0, min(middle - chars // 2, len(text) - chars))
+    return text[start:start + chars]
+
+
+def examples(spec: RunSpec, pairs: list[dict], docs: dict[str, str], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """Chat examples; a context_fraction of them grounded in passages (RAFT)."""
+    cfg = spec.sft
+    rng = random.Random(cfg.seed)
+    ids = sorted(docs)
+    out, counts = [], {"grounded": 0, "grounded_too_long": 0}
+    for pair in pairs:
+        passages = None
+        if pair["doc_id"] in docs and rng.random() < cfg.context_fraction:
+            others = [d for d in rng.sample(ids, min(len(ids), cfg.distractors + 1)) if d != pair["doc_id"]][: cfg.distractors]
+            passages = [passage(docs[pair["doc_id"]], pair.get("span"), cfg.passage_chars, rng)]
+            passages += [passage(docs[d], None, cfg.passage_chars, rng) for d in others]
+            rng.shuffle(passages)
+            messages = chat(pair["question"], passages) + [{"role": "assistant", "content": pair["answer"]}]
+            if len(tokenizer.apply_chat_template(messages, tokenize=True)) > max_length:
+                counts["grounded_too_long"] += 1
+                passages = None
+            else:
+                counts["grounded"] += 1
+        messages = chat(pair["question"], passages) + [{"role": "assistant", "content": pair["answer"]}]
+        out.append({"messages": messages, "id": pair["id"]})
+    return out, counts
+
+
+def answer_f1(model, tokenizer, sample: list[dict], max_new_tokens: int) -> float:
+    """Mean token F1 of greedy closed-book answers to the sample's questions."""
+    answers = generate(model, tokenizer, [chat(p["question"]) for p in sample], max_new_tokens)
+    return mean(token_f1(a.text, [p["answer"]]) for p, a in zip(sample, answers))
+
+
+def fixed_sample(pairs: list[dict], n: int, seed: int) -> list[dict]:
+    """The same train questions before and after, chosen by a hash of their id and the seed."""
+    return sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:{p['id']}".encode()).digest())[:n]
+
+
+def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+    """Fine-tunes with TRL and writes the adapter and the merged model."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = spec.sft
+    model, tokenizer = load_model(inputs["midtrain"])
+    max_length = cfg.max_length or model.config.max_position_embeddings
+    pairs = read_pairs(inputs["qa"] / "train.jsonl")
+    docs = {str(d["id"]): d["text"] for d in iter_documents(inputs["dedup"] / "documents")}
+    sample = fixed_sample([p for p in pairs if "paraphrase_of" not in p], cfg.answer_sample, cfg.seed)
+    f1_before = answer_f1(model, tokenizer, sample, cfg.max_new_tokens)
+
+    rows, counts = examples(spec, pairs, docs, tokenizer, max_length)
+    train_rows = [r for r in rows if not is_validation(r["id"], cfg.val_fraction, cfg.seed)]
+    val_rows = [r for r in rows if is_validation(r["id"], cfg.val_fraction, cfg.seed)] or train_rows[:1]
+    with (out / "examples_sample.jsonl").open("w", encoding="utf-8") as f:
+        for row in train_rows[:20]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    peft = lora_config(cfg.lora, model, "sft") if cfg.lora else None
+    args = SFTConfig(**trainer_kwargs(cfg, work, max_length), packing=cfg.packing, assistant_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
+                         train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
+                         eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
+    resumed = train(trainer, work)
+    val_loss = trainer.evaluate()["eval_loss"]
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.epochs
+    f1_after = answer_f1(trainer.model, tokenizer, sample, cfg.max_new_tokens)
+    lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+    (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": "midtrain artifact"}, indent=2))
+    return {"train_loss_final": history(trainer, "loss")[-1], "val_loss_final": val_loss,
+            "tokens_per_s": tokens_per_second(trainer, tokens), "answer_f1_before": f1_before,
+            "answer_f1_after": f1_after, "answer_sample": len(sample), "examples": len(train_rows),
+            "val_examples": len(val_rows), **counts, "resumed_from_step": resumed,
+            "steps": trainer.state.global_step, "lora": cfg.lora is not None}
+
+
+STAGE = Stage(
+    name="sft",
+    needs=("midtrain", "qa", "dedup"),
+    build=build,
+    spec_view=lambda spec: {"sft": spec.sft.cache_view()},
+    libs=("torch", "transformers", "trl", "peft", "accelerate"),
+    module=__name__,
+)
