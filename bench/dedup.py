@@ -10,7 +10,7 @@ steps and parameters and the same executor (local, `--tasks` tasks and as many w
 interleaved in one process (ours, bare, ours, bare, ...), and the best time of each counts.
 The last line printed is `ratio=X.XX`.
 
-    python bench/dedup.py [--scale 24] [--repeats 3] [--tasks 2]
+    python bench/dedup.py [--scale 32] [--repeats 3] [--tasks 2]
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def stderr_to(path: Path):
 def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a hub
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=int, default=24, help="copies of the built-in corpus in the input")
+    parser.add_argument("--scale", type=int, default=32, help="copies of the built-in corpus in the input")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant (interleaved); best counts")
     parser.add_argument("--tasks", type=int, default=2, help="datatrove tasks (and workers) for both variants")
     args = parser.parse_args()

@@ -70,7 +70,7 @@ def examples(spec: RunSpec, pairs: list[dict], docs: dict[str, str], tokenizer, 
             else:
                 counts["grounded"] += 1
         messages = chat(pair["question"], passages) + [{"role": "assistant", "content": pair["answer"]}]
-        out.append({"messages": messages, "id": pair["id"]})
+        out.append({"messages": messages, "id": pair["id"], "question": pair["question"]})
     return out, counts
 
 
@@ -101,8 +101,9 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     rows, counts = examples(spec, pairs, docs, tokenizer, max_length)
     train_rows = [r for r in rows if not is_validation(r["id"], cfg.val_fraction, cfg.seed)]
     val_rows = [r for r in rows if is_validation(r["id"], cfg.val_fraction, cfg.seed)] or train_rows[:1]
+    grounded = [r for r in train_rows if len(r["messages"][0]["content"]) > len(r["question"])]
     with (out / "examples_sample.jsonl").open("w", encoding="utf-8") as f:
-        for row in train_rows[:20]:
+        for row in grounded[:10] + [r for r in train_rows if r not in grounded][:10]:  # some of each kind
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     peft = lora_config(cfg.lora, model, "sft") if cfg.lora else None

@@ -1,0 +1,100 @@
+"""sft + dpo on tiny: answers improve, preferences are learned, and the merged models load with
+plain transformers and answer through the chat template."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import InputError
+from tasks.runner import execute, plan
+from tests.tasks.test_pretrain import TINY_DOCS, run_until, tiny_project
+
+pytestmark = pytest.mark.slow
+
+QA = {"per_doc": 3, "paraphrases": 1}  # few facts, so 20 epochs stay quick
+MID = {"tokens": 40_000, "batch_tokens": 2048, "micro_batch": 16, "eval_every": 10, "checkpoint_every": 10}
+SFT = {"lora": None, "epochs": 20, "lr": 0.003, "batch_size": 16, "context_fraction": 0.2, "distractors": 1,
+       "passage_chars": 120, "answer_sample": 24, "max_new_tokens": 24}
+DPO = {"lora": {"r": 8, "alpha": 16}, "epochs": 2, "lr": 0.001, "batch_size": 16, "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    factory = tiny_project(tmp_path_factory.mktemp("ft"), qa=QA, midtrain=MID, sft=SFT, dpo=DPO)
+    return factory, run_until(factory, "dpo")
+
+
+def test_sft_improves_answers(tuned):
+    m = tuned[1]["sft"].record.metrics
+    assert m["answer_f1_after"] >= m["answer_f1_before"] + 0.05, m
+    assert m["train_loss_final"] > 0 and m["val_loss_final"] > 0 and m["tokens_per_s"] > 0
+    assert m["grounded"] > 0 and m["resumed_from_step"] == 0
+
+
+def test_grounded_examples_hold_the_answer_in_a_passage(tuned):
+    rows = [json.loads(l) for l in (Path(tuned[1]["sft"].path) / "examples_sample.jsonl").read_text().splitlines()]
+    grounded = [r for r in rows if r["messages"][0]["content"].startswith("Answer from the passages.")]
+    assert grounded
+    for row in grounded:
+        assert row["messages"][1]["role"] == "assistant"
+        assert "[1]" in row["messages"][0]["content"]
+
+
+def test_dpo_learns_the_preferences(tuned):
+    m = tuned[1]["dpo"].record.metrics
+    assert m["reward_accuracy_final"] > 0.5, m
+    assert m["reward_margin_final"] > m["reward_margin_initial"], m
+    assert m["lineage"]["reference_model"] == "the sft model with the adapter disabled"
+    assert m["lineage"]["adapters_merged"] is True
+    prefs = [json.loads(l) for l in (Path(tuned[1]["dpo"].path) / "preferences.jsonl").read_text().splitlines()]
+    assert len(prefs) == m["pairs"] > 0
+    for p in prefs:
+        assert p["chosen"] != p["rejected"]
+        assert p["rejected_source"] in {"sft_answer", "same_document_answer", "other_document_answer"}
+        if p["rejected_source"] == "sft_answer":
+            assert p["sft_answer_f1"] < 0.5  # the model's own answer only when it is wrong
+        else:
+            assert p["sft_answer_f1"] >= 0.5 or p["rejected"] != p["chosen"]  # right or empty: another answer
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_merged_model_answers_with_plain_transformers(tuned, stage):
+    model = Path(tuned[1][stage].path) / "model"
+    code = (
+        "import json, sys\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(model)!r}); t = AutoTokenizer.from_pretrained({str(model)!r})\n"
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'What is the grammar rule for `if_stmt`?'}],\n"
+        "                            add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "out = m.generate(**ids, max_new_tokens=12, do_sample=False)\n"
+        "print(json.dumps({'answer': t.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True),\n"
+        "                  'gristmill': any(k.split('.')[0] in ('tasks', 'flows', 'data_specs') for k in sys.modules)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["answer"].strip() and not result["gristmill"]
+
+
+def test_lora_sft_writes_an_adapter_and_a_merged_model(tuned, tmp_path):
+    factory, _ = tuned
+    spec = factory.load(**{**factory.sections, "sft": {**SFT, "lora": {"r": 4, "alpha": 8}, "epochs": 1}})
+    row = [r for r in plan(spec, factory.store) if r.name == "sft"][0]
+    result = execute(row, spec, factory.store)
+    files = result.record.files
+    assert "adapter/adapter_config.json" in files and "model/model.safetensors" in files
+    assert result.record.metrics["lora"] is True
+
+
+def test_unknown_lora_target_lists_the_model_modules(tuned):
+    factory, _ = tuned
+    spec = factory.load(**{**factory.sections, "sft": {**SFT, "lora": {"target_modules": ["q_proj", "c_attn"]}}})
+    row = [r for r in plan(spec, factory.store) if r.name == "sft"][0]
+    with pytest.raises(InputError, match=r"sft.lora.target_modules: the model has no c_attn; its linear modules are: "
+                                         r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        execute(row, spec, factory.store)
