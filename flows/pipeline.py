@@ -60,9 +60,10 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
 
 @flow(name="gristmill-pipeline")
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
-                       only: str | None = None, force: list[str] | None = None) -> list[StageResult] | State:
+                       only: str | None = None, force: list[str] | None = None,
+                       override: str | None = None) -> list[StageResult] | State:
     """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store."""
-    run = prepare_run(spec_path, store, until=until, only=only, force=force or [])
+    run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override)
     storage = result_storage(run.store)
     results = []
     for item in run.stages:

@@ -27,7 +27,7 @@ from data_specs.spec import RunSpec
 from eval.generate import generate
 from eval.metrics import token_f1
 from eval.prompts import chat
-from tasks.finetune import history, load_model, lora_config, save_models, train, trainer_kwargs
+from tasks.finetune import history, load_model, lora_config, save_models, write_history, train, trainer_kwargs
 from tasks.sft import read_pairs
 from tasks.stage import Inputs, Metrics, Stage
 
@@ -90,6 +90,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     resumed = train(trainer, work)
 
     lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+    write_history(trainer, out / "loss_curve.csv")
     lineage.update({"base_model": "sft artifact (model/)",
                     "reference_model": "the sft model with the adapter disabled" if cfg.lora else
                     "a frozen copy of the sft model"})

@@ -86,6 +86,15 @@ def history(trainer, key: str) -> list[float]:
     return [row[key] for row in trainer.state.log_history if key in row]
 
 
+def write_history(trainer, path: Path) -> None:
+    """The trainer's loss curve as CSV (step, train_loss, val_loss), like pretrain's."""
+    with path.open("w", encoding="utf-8") as f:
+        f.write("step,train_loss,val_loss\n")
+        for row in trainer.state.log_history:
+            if "loss" in row or "eval_loss" in row:
+                f.write(f"{row.get('step', '')},{row.get('loss', '')},{row.get('eval_loss', '')}\n")
+
+
 def tokens_per_second(trainer, tokens: int) -> float:
     """Training tokens (examples x epochs, after packing) over the trainer's measured runtime."""
     runtime = next((row["train_runtime"] for row in reversed(trainer.state.log_history) if "train_runtime" in row), None)

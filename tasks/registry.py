@@ -1,10 +1,11 @@
 """The pipeline's stages in order. A new stage is one module in tasks/ plus one line here."""
 
-from tasks import dedup, dpo, ingest, midtrain, pretrain, qa, sft, tokenizer
+from tasks import dedup, dpo, evaluate, index, ingest, midtrain, pretrain, qa, sft, tokenizer
 from tasks.errors import InputError
 from tasks.stage import Stage
 
-STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE, tokenizer.STAGE, pretrain.STAGE, qa.STAGE, midtrain.STAGE, sft.STAGE, dpo.STAGE)
+STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE, tokenizer.STAGE, pretrain.STAGE, qa.STAGE, midtrain.STAGE, sft.STAGE, dpo.STAGE,
+                                 index.STAGE, evaluate.STAGE)
 
 
 def stage_names() -> list[str]:

@@ -7,6 +7,7 @@ the same work without it.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -154,13 +155,16 @@ class RunPlan:
 
 
 def prepare_run(spec_path: str | Path, store: str | None = None, until: str | None = None,
-                only: str | None = None, force: Sequence[str] = ()) -> RunPlan:
-    """Loads the spec, plans every stage, and picks those to run; bad input raises InputError."""
+                only: str | None = None, force: Sequence[str] = (), override: str | None = None) -> RunPlan:
+    """Loads the spec, plans every stage, and picks those to run; bad input raises InputError.
+
+    `override` is JSON of spec fields set on top of the file (e.g. `gristmill eval`'s question
+    file); it is validated like the file itself."""
     from data_specs.spec import load_spec
 
     if only and until:
         raise InputError("--only and --until cannot be used together")
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, override=json.loads(override) if override else None)
     st = resolve_store(spec, store)
     rows = plan(spec, st, force=force)
     chosen = select(rows, until=until, only=only)

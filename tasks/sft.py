@@ -30,7 +30,7 @@ from eval.generate import generate
 from eval.metrics import token_f1
 from eval.prompts import chat
 from tasks.documents import iter_documents
-from tasks.finetune import history, load_model, lora_config, save_models, tokens_per_second, train, trainer_kwargs
+from tasks.finetune import history, load_model, lora_config, save_models, write_history, tokens_per_second, train, trainer_kwargs
 from tasks.lm_data import is_validation
 from tasks.stage import Inputs, Metrics, Stage
 
@@ -116,6 +116,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.epochs
     f1_after = answer_f1(trainer.model, tokenizer, sample, cfg.max_new_tokens)
     lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+    write_history(trainer, out / "loss_curve.csv")
     (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": "midtrain artifact"}, indent=2))
     return {"train_loss_final": history(trainer, "loss")[-1], "val_loss_final": val_loss,
             "tokens_per_s": tokens_per_second(trainer, tokens), "answer_f1_before": f1_before,

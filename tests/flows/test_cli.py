@@ -44,7 +44,7 @@ def snapshot(folder: Path) -> dict[str, int]:
 def built_store(tmp_path_factory) -> Path:
     """tiny.yaml run once through the CLI."""
     store = tmp_path_factory.mktemp("cli") / "store"
-    proc = gristmill("run", str(TINY), "--store", str(store))
+    proc = gristmill("run", str(TINY), "--store", str(store), "--until", "dedup")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ingest  built" in proc.stdout and "dedup   built" in proc.stdout
     return store
@@ -52,7 +52,7 @@ def built_store(tmp_path_factory) -> Path:
 
 def test_rerun_is_cached_and_touches_nothing(built_store):
     before = {stage: snapshot(path) for stage, path in artifacts(built_store).items()}
-    proc = gristmill("run", str(TINY), "--store", str(built_store))
+    proc = gristmill("run", str(TINY), "--store", str(built_store), "--until", "dedup")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ingest  cached" in proc.stdout and "dedup   cached" in proc.stdout
     assert {stage: snapshot(path) for stage, path in artifacts(built_store).items()} == before
@@ -62,8 +62,10 @@ def test_plan_json(built_store):
     proc = gristmill("plan", str(TINY), "--store", str(built_store), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["stage"] for r in rows] == ["ingest", "dedup"]
-    for row in rows:
+    assert [r["stage"] for r in rows] == ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
+                                          "index", "eval"]
+    assert all(not r["cached"] and r["reason"] == "never built" for r in rows[2:])
+    for row in rows[:2]:
         assert set(row) == {"stage", "fingerprint", "cached", "reason", "path"}
         assert row["cached"] is True and row["reason"] is None
         assert Path(row["path"]) == artifacts(built_store)[row["stage"]]
@@ -74,7 +76,7 @@ def test_force_dedup_rebuilds_only_dedup(built_store, tmp_path):
     shutil.copytree(built_store, store)
     ingest_before = snapshot(artifacts(store)["ingest"])
     dedup_record = json.loads((artifacts(store)["dedup"] / "artifact.json").read_text())
-    proc = gristmill("run", str(TINY), "--store", str(store), "--force", "dedup")
+    proc = gristmill("run", str(TINY), "--store", str(store), "--until", "dedup", "--force", "dedup")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ingest  cached" in proc.stdout and "dedup   built" in proc.stdout
     assert snapshot(artifacts(store)["ingest"]) == ingest_before
@@ -90,7 +92,7 @@ def test_only_without_upstream_is_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "SPEC", "--only", "nope"], "unknown stage 'nope'; stages are: ingest, dedup"),
+    (["run", "SPEC", "--only", "nope"], "unknown stage 'nope'; stages are: ingest, dedup, tokenizer"),
     (["run", "SPEC", "--force", "nope"], "unknown stage 'nope'"),
     (["plan", "missing.yaml"], "missing.yaml: spec file not found"),
 ])
@@ -125,7 +127,7 @@ def test_source_with_every_record_rejected_is_exit_2_without_traceback(tmp_path)
 
 def test_killed_during_dedup_leaves_nothing_done_and_resumes(built_store, tmp_path):
     store = tmp_path / "store"
-    proc = subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store)], cwd=REPO,
+    proc = subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store), "--until", "dedup"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     # Kill once dedup's MinHash steps have started (its exact steps are done by then).
@@ -139,7 +141,7 @@ def test_killed_during_dedup_leaves_nothing_done_and_resumes(built_store, tmp_pa
     assert "ingest" in done and "dedup" not in done
     assert not any((p / "artifact.json").exists() for p in (store / "dedup").glob("*"))
 
-    rerun = gristmill("run", str(TINY), "--store", str(store))
+    rerun = gristmill("run", str(TINY), "--store", str(store), "--until", "dedup")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "ingest  cached" in rerun.stdout and "dedup   built" in rerun.stdout
     # Same fingerprint and same documents as an uninterrupted run.
@@ -152,10 +154,23 @@ def test_killed_during_dedup_leaves_nothing_done_and_resumes(built_store, tmp_pa
 
 def test_two_runs_started_together_both_succeed(tmp_path):
     store = tmp_path / "store"
-    procs = [subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store)], cwd=REPO,
+    procs = [subprocess.Popen([*GRISTMILL, "run", str(TINY), "--store", str(store), "--until", "dedup"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert len(artifacts(store)) == 2
     built = sum(o[0].count(" built ") for o in outs)
     assert built == 2  # each stage built by exactly one of the runs
+
+
+def test_report_before_eval_is_exit_2(built_store):
+    proc = gristmill("report", str(TINY), "--store", str(built_store))
+    assert proc.returncode == 2 and "no report for" in proc.stderr and "gristmill run" in proc.stderr
+
+
+def test_eval_with_a_bad_question_file_names_the_line(built_store, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "ok?", "answer": "yes"}\n{"question": "no answer?"}\n')
+    proc = gristmill("eval", str(TINY), "--store", str(built_store), "--questions", str(questions))
+    assert proc.returncode == 2
+    assert f"{questions}:2: needs `answers`" in proc.stderr and "Traceback" not in proc.stderr

@@ -25,7 +25,8 @@ def task_states(flow_run_id) -> dict[str, str]:
 
 
 def run(factory: SpecFactory, force: list[str] = ()):
-    state = gristmill_pipeline(str(factory.write()), factory.store.url, force=list(force), return_state=True)
+    state = gristmill_pipeline(str(factory.write()), factory.store.url, until="dedup", force=list(force),
+                               return_state=True)
     return state, state.result()
 
 

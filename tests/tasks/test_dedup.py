@@ -13,7 +13,7 @@ from tests.tasks.test_ingest import read_docs
 
 def run_all(factory, **sections):
     spec = factory.load(**sections)
-    return [execute(row, spec, factory.store) for row in plan(spec, factory.store)]
+    return [execute(row, spec, factory.store) for row in plan(spec, factory.store)[:2]]  # ingest, dedup
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def _run_spec(spec_path: str, store: str, queue) -> None:
 
     spec = load_spec(spec_path)
     st = ArtifactStore(store)
-    queue.put([execute(row, spec, st).state for row in plan(spec, st)])
+    queue.put([execute(row, spec, st).state for row in plan(spec, st)[:2]])  # ingest, dedup
 
 
 def test_two_processes_build_once(project):

