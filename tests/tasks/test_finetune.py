@@ -98,3 +98,75 @@ def test_unknown_lora_target_lists_the_model_modules(tuned):
     with pytest.raises(InputError, match=r"sft.lora.target_modules: the model has no c_attn; its linear modules are: "
                                          r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
         execute(row, spec, factory.store)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tuned):
+    factory, results = tuned
+    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 64, "overlap": 16},
+                           "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
+    for row in plan(spec, factory.store):
+        if row.name in ("index", "eval"):
+            results[row.name] = execute(row, spec, factory.store)
+    return factory, results
+
+
+def test_eval_metrics_have_the_promised_shape(evaluated):
+    m = evaluated[1]["eval"].record.metrics
+    assert set(m["retrieval"]) >= {"recall@1", "recall@5"} and 0 <= m["retrieval"]["recall@1"] <= 1
+    assert set(m["arms"]) == {"finetuned", "rag", "finetuned+rag", "rag-extractive", "gold"}
+    for arm, s in m["arms"].items():
+        assert {"em", "f1", "f1_ci", "rouge_l", "contains", "latency_p50_s", "p_value_vs_rag"} <= set(s)
+        assert s["f1_ci"][0] <= s["f1"] <= s["f1_ci"][1]
+        assert (s["p_value_vs_rag"] is None) == (arm == "rag")
+    assert m["verdict"] and "rag" in m["verdict"]
+
+
+def test_answers_file_has_every_question_and_arm(evaluated):
+    rows = [json.loads(l) for l in (Path(evaluated[1]["eval"].path) / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == evaluated[1]["eval"].record.metrics["questions"]
+    for row in rows:
+        assert set(row["arms"]) == set(evaluated[1]["eval"].record.metrics["arms"])
+        assert all({"answer", "em", "f1", "rouge_l", "contains", "latency_s"} <= set(a) for a in row["arms"].values())
+        assert len(row["retrieved"]) == 3
+
+
+def test_html_report_parses_and_holds_the_table_and_images(evaluated):
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.images, self.text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = Collect()
+    page.feed((Path(evaluated[1]["eval"].path) / "report.html").read_text())
+    text = " ".join(page.text)
+    assert page.tags.count("table") >= 4 and "finetuned+rag" in text and "Verdict" in text
+    assert len(page.images) == 2 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    md = (Path(evaluated[1]["eval"].path) / "report.md").read_text()
+    assert "## Where the arms disagree" in md and "## Stages" in md and "## Lineage" in md
+
+
+def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
+    """The path `gristmill eval --questions` takes: only eval builds, keyed by the file."""
+    from tasks.runner import prepare_run
+
+    factory, _ = evaluated
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "What is the grammar rule for `if_stmt`?", "answer": "\\"if\\" expression"}\n')
+    spec_path = factory.write(**{**factory.sections, "index": {"chunk_words": 64, "overlap": 16},
+                                 "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
+    run = prepare_run(spec_path, str(factory.store.root), only="eval",
+                      override=json.dumps({"eval": {"score_questions": str(questions)}}))
+    assert [r.name for r in run.stages] == ["eval"] and not run.stages[0].cached
+    m = execute(run.stages[0], run.spec, factory.store).record.metrics
+    assert m["questions"] == 1
