@@ -32,8 +32,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Each benchmark prints a ratio against a baseline measured in the same run (BENCHMARKS.md).
 bench: install
 	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/qa_rules.py
+	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/eval.py
 
 clean:
 	rm -rf .gristmill

@@ -403,6 +403,8 @@ class DPOSpec(FinetuneSpec):
     rejected_f1_threshold: float = Field(0.5, ge=0, le=1, description="The SFT model's own answer is the rejected "
                                          "one when its token F1 to the reference is below this.")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated for the SFT model's own answers.")
+    max_pairs: int | None = Field(None, ge=1, description="Use at most this many train pairs (a seeded sample): "
+                                  "each one costs a generation and a DPO example.")
 
 
 class StageResources(Section):

@@ -76,6 +76,8 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     model, tokenizer = load_model(inputs["sft"] / "model")
     max_length = cfg.max_length or model.config.max_position_embeddings
     pairs = [p for p in read_pairs(inputs["qa"] / "train.jsonl") if "paraphrase_of" not in p]
+    if cfg.max_pairs is not None and len(pairs) > cfg.max_pairs:
+        pairs = random.Random(cfg.seed).sample(pairs, cfg.max_pairs)
     own = [g.text for g in generate(model, tokenizer, [chat(p["question"]) for p in pairs], cfg.max_new_tokens)]
     prefs = preference_pairs(spec, pairs, own)
     with (out / "preferences.jsonl").open("w", encoding="utf-8") as f:
