@@ -71,7 +71,7 @@ def arm_rates(spec_path: str, store: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2, help="timed builds of each side (best is kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed builds of each side (best is kept; ~2 min each on 2 CPU cores)")
     parser.add_argument("--spec", help="a spec with a finished eval, for the per-arm rates")
     parser.add_argument("--store", help="the store of that spec's run")
     args = parser.parse_args()

@@ -21,20 +21,10 @@ import numpy as np
 
 from eval.generate import generate
 from eval.prompts import chat
+from eval.questions import Question as EvalQuestion
 from eval.rag import Chunk, embed
 
 _SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]|\n|$)")
-
-
-@dataclass(frozen=True)
-class EvalQuestion:
-    """A question with its accepted answers and, when known, its source."""
-
-    id: str
-    question: str
-    answers: tuple[str, ...]
-    doc_id: str | None = None
-    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,15 +81,15 @@ class ExtractiveArm:
 
     name = "rag-extractive"
 
-    def __init__(self, embedder, chunks: Sequence[Chunk], retrieval: Retrieval):
-        self.embedder, self.chunks, self.retrieval = embedder, chunks, retrieval
+    def __init__(self, embedder, chunks: Sequence[Chunk], retrieval: Retrieval, k: int):
+        self.embedder, self.chunks, self.retrieval, self.k = embedder, chunks, retrieval, k
 
     def answer_many(self, questions: Sequence[EvalQuestion]) -> list[Answer]:
         return [self._answer(i, q) for i, q in enumerate(questions)]
 
     def _answer(self, i: int, q: EvalQuestion) -> Answer:
         start = time.perf_counter()
-        ids = tuple(self.retrieval.ids[i])
+        ids = tuple(self.retrieval.ids[i][: self.k])
         sentences = [s.strip() for cid in ids for s in _SENTENCE.findall(self.chunks[cid].text) if len(s.strip()) > 2]
         if not sentences:
             return Answer("", self.retrieval.latency_s[i], 0, ids)

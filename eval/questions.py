@@ -20,6 +20,7 @@ class Question:
     question: str
     answers: tuple[str, ...]
     doc_id: str | None = None
+    span: tuple[int, int] | None = None  # the evidence in the document, when known
 
 
 def _parse_line(raw: bytes, where: str) -> Question:

@@ -38,6 +38,7 @@ def f1_chart(arms: dict[str, dict[str, Any]]) -> bytes:
     ax.set_ylabel("token F1 (95% CI)")
     ax.set_ylim(0, max(1e-3, max(hi for hi in (arms[a]["f1_ci"][1] for a in names))) * 1.15)
     ax.set_title("Answer F1 by arm")
+    ax.tick_params(axis="x", rotation=20)
     return _png(fig)
 
 
@@ -114,9 +115,13 @@ def markdown(summary: dict[str, Any], images: dict[str, str]) -> str:
                   [[d["question"], d["gold"], *[d["answers"][a] for a in names]] for d in summary["disagreements"]])
     if summary.get("previous"):
         prev = summary["previous"]
-        out += ["", f"## Change since the previous eval of {summary['run_name']} ({prev['fingerprint']})", ""]
-        out += _table(["arm", "F1 then", "F1 now", "change"],
-                      [[a, f1_then, arms[a]["f1"], arms[a]["f1"] - f1_then] for a, f1_then in prev["f1"].items() if a in arms])
+        out += ["", f"## Change since the previous eval of {summary['run_name']}", "",
+                f"Against eval {prev['fingerprint']} ({prev['created_at']}); each cell is now (change).", ""]
+        metrics = ("em", "f1", "rouge_l", "contains")
+        out += _table(["arm", *metrics], [[a, *[f"{arms[a][m]:.3f} ({arms[a][m] - then[m]:+.3f})" for m in metrics]]
+                                          for a, then in prev["arms"].items() if a in arms])
+        out += ["", "Retrieval: " + ", ".join(f"{k} {v:.3f} ({v - prev['retrieval'].get(k, v):+.3f})"
+                                              for k, v in summary["retrieval"].items())]
     return "\n".join(out) + "\n"
 
 

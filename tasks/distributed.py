@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from data_specs.spec import RunSpec
@@ -30,3 +31,13 @@ def launch(stage: str, spec: RunSpec, inputs: Inputs, out: Path, work: Path, pro
     if "input_error" in answer:
         raise InputError(answer["input_error"])
     return answer["metrics"]
+
+
+def run_or_launch(stage: str, run, spec: RunSpec, inputs: Inputs, out: Path, work: Path, processes: int) -> Metrics:
+    """`run` in this process, or in `processes` torchrun processes; adds the stage's wall time."""
+    from tasks.training import Dist
+
+    start = time.perf_counter()
+    metrics = launch(stage, spec, inputs, out, work, processes) if processes > 1 else run(spec, inputs, out, work, Dist())
+    metrics["wall_s"] = round(time.perf_counter() - start, 3)
+    return metrics

@@ -25,8 +25,7 @@ from eval.report import TRAINING_STAGES, write_report
 from eval.scoring import recall_at, score, summarize, verdict
 from tasks.errors import InputError
 from tasks.finetune import load_model
-from tasks.fingerprint import file_digest
-from tasks.stage import Inputs, Metrics, Stage
+from tasks.stage import Inputs, Metrics, Stage, content_digest
 
 NEEDS = ("ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo", "index")
 DISAGREEMENTS = 10
@@ -36,7 +35,7 @@ def questions(spec: RunSpec, inputs: Inputs) -> tuple[list[EvalQuestion], str]:
     """(questions, where they came from): a file given to `gristmill eval`, else qa's eval split."""
     if spec.eval.score_questions:
         path = spec.resolve(spec.eval.score_questions)
-        qs = [EvalQuestion(q.id, q.question, q.answers, q.doc_id) for q in load_questions(path)]
+        qs = load_questions(path)
         source = f"question file {path.name}"
     else:
         with (inputs["qa"] / "eval.jsonl").open(encoding="utf-8") as f:
@@ -64,13 +63,14 @@ def load_index(folder: Path):
 def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, index, embedder) -> tuple[dict, list]:
     """Every arm's answers, and the retrieved chunk ids per question."""
     cfg = spec.eval
-    retrieval = retrieve(embedder, index, qs, cfg.k)
+    # Retrieve at least 5 so recall@5 is measured; the arms read the top k.
+    retrieval = retrieve(embedder, index, qs, max(cfg.k, 5))
     chunks_by_doc: dict[str, list[Chunk]] = {}
     for c in chunks:
         chunks_by_doc.setdefault(c.doc_id, []).append(c)
     gold = [source_passage(q, chunks_by_doc) for q in qs]
-    top = lambda i: [chunks[c].text for c in retrieval.ids[i]]
-    with_ids = lambda i: (tuple(retrieval.ids[i]), retrieval.latency_s[i])
+    top = lambda i: [chunks[c].text for c in retrieval.ids[i][: cfg.k]]
+    with_ids = lambda i: (tuple(retrieval.ids[i][: cfg.k]), retrieval.latency_s[i])
     no_ids = lambda i: ((), 0.0)
     models = {}
 
@@ -85,7 +85,7 @@ def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, inde
     answers: dict[str, list[Answer]] = {}
     for arm in cfg.arms:
         if arm == "rag-extractive":
-            answers[arm] = ExtractiveArm(embedder, chunks, retrieval).answer_many(qs)
+            answers[arm] = ExtractiveArm(embedder, chunks, retrieval, cfg.k).answer_many(qs)
             continue
         which, contexts, ids = plans[arm]
         m, tok = model(which)
@@ -134,6 +134,8 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
                "max_new_tokens": spec.eval.max_new_tokens, "arms": arms, "retrieval": retrieval,
                "verdict": verdict(arms), "stages": stage_rows(inputs), "lineage": lineage_counts(inputs),
                "disagreements": disagreements(qs, answers, scores)}
+    if "previous" in inputs:
+        summary["previous"] = previous_summary(inputs["previous"])
     with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
         for i, q in enumerate(qs):
             f.write(json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers), "doc_id": q.doc_id,
@@ -145,6 +147,18 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     write_report(out, summary, curves)
     publish_prefect_artifacts(summary, (out / "report.md").read_text())
     return {"retrieval": retrieval, "arms": arms, "verdict": summary["verdict"], "questions": len(qs)}
+
+
+def previous_summary(folder: Path) -> dict[str, Any] | None:
+    """The metrics of the previous eval of this run name, for the report's change table."""
+    path = folder / "summary.json"
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    record = json.loads((folder / "artifact.json").read_text())
+    return {"fingerprint": record["fingerprint"], "created_at": record["created_at"],
+            "arms": {a: {m: s[m] for m in ("em", "f1", "rouge_l", "contains")} for a, s in earlier["arms"].items()},
+            "retrieval": earlier["retrieval"]}
 
 
 def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
@@ -162,12 +176,7 @@ def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:
     """A question file given to `gristmill eval --questions`, by content."""
-    if not spec.eval.score_questions:
-        return {}
-    path = spec.resolve(spec.eval.score_questions)
-    if not path.is_file():
-        raise InputError(f"{path}: question file not found")
-    return {"eval.score_questions": file_digest(path)}
+    return content_digest(spec, "eval.score_questions", spec.eval.score_questions, kind="file")
 
 
 STAGE = Stage(
@@ -178,4 +187,5 @@ STAGE = Stage(
     external_inputs=external_inputs,
     libs=("torch", "transformers", "sentence-transformers", "faiss-cpu"),
     module=__name__,
+    wants_previous=True,
 )

@@ -3,7 +3,7 @@ an adapter plus a merged model that plain transformers can load."""
 
 from __future__ import annotations
 
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def trainer_kwargs(spec: FinetuneSpec, work: Path, max_length: int) -> dict[str,
         warmup_steps=spec.warmup_ratio, weight_decay=spec.weight_decay, lr_scheduler_type="cosine",
         max_length=max_length, seed=spec.seed, data_seed=spec.seed, logging_steps=1,
         save_strategy="steps", save_steps=spec.save_steps, save_total_limit=1, report_to="none",
-        bf16=cuda, use_cpu=not cuda, disable_tqdm=not sys.stderr.isatty(), dataloader_num_workers=0,
+        bf16=cuda, use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
     )
 
 
@@ -64,8 +64,38 @@ def last_checkpoint(work: Path) -> tuple[str | None, int]:
     return (path, int(path.rsplit("-", 1)[-1])) if path else (None, 0)
 
 
-def train(trainer, work: Path) -> int:
+def _progress_callback(label: str):
+    """A TrainerCallback that reports through tasks/progress.py (bar, log lines, Prefect artifact)."""
+    from transformers import TrainerCallback
+
+    from tasks.progress import Progress
+
+    class ProgressCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = Progress(label, state.max_steps, state.global_step)
+            self.start, self.first = time.perf_counter(), None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                tokens = float(logs.get("num_tokens", 0))
+                self.first = tokens if self.first is None else self.first
+                rate = (tokens - self.first) / max(time.perf_counter() - self.start, 1e-9)
+                self.progress.update(state.global_step, float(logs["loss"]), rate)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.close()
+
+    return ProgressCallback()
+
+
+def train(trainer, work: Path, label: str) -> int:
     """Runs the trainer, resuming from a checkpoint of a killed run; returns the step resumed from."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # One progress display: ours (a bar on a terminal, log lines in a log file), not a printed dict per step.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback(label))
     checkpoint, step = last_checkpoint(work)
     trainer.train(resume_from_checkpoint=checkpoint)
     return step

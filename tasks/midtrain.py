@@ -17,13 +17,12 @@ pretrain's (tasks/training.py).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from data_specs.spec import RunSpec
-from tasks.distributed import launch
+from tasks.distributed import run_or_launch
 from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import is_validation, pack, split_by_document
@@ -96,11 +95,7 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Mid-trains the pretrained model on the mixture."""
-    start = time.perf_counter()
-    processes = spec.resources.midtrain.gpus
-    metrics = launch("midtrain", spec, inputs, out, work, processes) if processes > 1 else run(spec, inputs, out, work, Dist())
-    metrics["wall_s"] = round(time.perf_counter() - start, 3)
-    return metrics
+    return run_or_launch("midtrain", run, spec, inputs, out, work, spec.resources.midtrain.gpus)
 
 
 STAGE = Stage(

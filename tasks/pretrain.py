@@ -16,18 +16,16 @@ torchrun processes (DDP, tasks/distributed.py).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from data_specs.spec import PretrainSpec, RunSpec
-from tasks.distributed import launch
+from tasks.distributed import run_or_launch
 from tasks.documents import iter_documents
 from tasks.errors import InputError
-from tasks.fingerprint import tree_digest
 from tasks.lm_data import packed_splits
-from tasks.stage import Inputs, Metrics, Stage
+from tasks.stage import Inputs, Metrics, Stage, content_digest
 from tasks.training import Dist, pick_device, train_loop, write_curve
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
@@ -95,21 +93,12 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Trains the model and writes it with its tokenizer and loss curve."""
-    start = time.perf_counter()
-    processes = spec.resources.pretrain.gpus
-    metrics = launch("pretrain", spec, inputs, out, work, processes) if processes > 1 else run(spec, inputs, out, work, Dist())
-    metrics["wall_s"] = round(time.perf_counter() - start, 3)
-    return metrics
+    return run_or_launch("pretrain", run, spec, inputs, out, work, spec.resources.pretrain.gpus)
 
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:
     """The content of a `pretrain.from` checkpoint (nothing when training from scratch)."""
-    if not spec.pretrain.from_:
-        return {}
-    path = spec.resolve(spec.pretrain.from_)
-    if not path.is_dir():
-        raise InputError(f"{spec.spec_path}: pretrain.from: {path} is not a folder")
-    return {"pretrain.from": tree_digest(path)}
+    return content_digest(spec, "pretrain.from", spec.pretrain.from_)
 
 
 STAGE = Stage(

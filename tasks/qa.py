@@ -29,9 +29,8 @@ from data_specs.spec import RunSpec
 from eval.questions import load_questions
 from tasks.documents import iter_documents
 from tasks.errors import InputError
-from tasks.fingerprint import file_digest, tree_digest
 from tasks.qa_common import Pair, normalize_question, reject_reason
-from tasks.stage import Inputs, Metrics, Stage, shared_cache
+from tasks.stage import Inputs, Metrics, Stage, content_digest, shared_cache
 
 
 def _hash_unit(seed: int, key: str) -> float:
@@ -144,18 +143,9 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:
     """The reviewer's question file and the generator model folder, by content."""
-    digests = {}
-    if spec.eval.questions:
-        path = spec.resolve(spec.eval.questions)
-        if not path.is_file():
-            raise InputError(f"{spec.spec_path}: eval.questions: {path} not found")
-        digests["eval.questions"] = file_digest(path)
-    if spec.qa.generator == "model":
-        path = spec.resolve(spec.qa.model.path)
-        if not path.is_dir():
-            raise InputError(f"{spec.spec_path}: qa.model.path: {path} is not a folder")
-        digests["qa.model.path"] = tree_digest(path)
-    return digests
+    model = spec.qa.model.path if spec.qa.generator == "model" else None
+    return {**content_digest(spec, "eval.questions", spec.eval.questions, kind="file"),
+            **content_digest(spec, "qa.model.path", model)}
 
 
 STAGE = Stage(

@@ -192,6 +192,10 @@ def execute(item: PlannedStage, spec: RunSpec, store: ArtifactStore, force: bool
                 f"run `gristmill run {spec.spec_path} --until {need}` first"
             )
         inputs[need] = store.materialize(need, up_fp)
+    if stage.wants_previous:
+        earlier = [r for r in store.history(item.name) if r.run_name == spec.name and r.fingerprint != item.fingerprint]
+        if earlier:
+            inputs["previous"] = store.materialize(item.name, earlier[-1].fingerprint)
 
     with store.lock(item.name, item.fingerprint):
         record = store.load(item.name, item.fingerprint)

@@ -35,6 +35,22 @@ def shared_cache(work: Path) -> Path:
     return path
 
 
+def content_digest(spec: RunSpec, field: str, value: str | None, kind: str = "folder") -> dict[str, str]:
+    """{field: sha256 of the content} of a file or folder a spec field names ({} when unset);
+    a missing one is bad input naming the field. Paths never enter a key, contents do."""
+    from tasks.errors import InputError
+    from tasks.fingerprint import file_digest, tree_digest
+
+    if not value:
+        return {}
+    path = spec.resolve(value)
+    ok = path.is_dir() if kind == "folder" else path.is_file()
+    if not ok:
+        raise InputError(f"{spec.spec_path}: {field}: {path} is not a {kind}" if kind == "folder"
+                         else f"{spec.spec_path}: {field}: {path} not found")
+    return {field: tree_digest(path) if kind == "folder" else file_digest(path)}
+
+
 def no_external_inputs(spec: RunSpec) -> dict[str, str]:
     """For stages that read only upstream artifacts."""
     return {}
@@ -56,3 +72,7 @@ class Stage:
     libs: tuple[str, ...] = field(default_factory=tuple)
     # Where the code lives (entered into the fingerprint with everything it imports).
     module: str = ""
+    # When True, inputs["previous"] is the latest earlier artifact of this stage for the same
+    # run name (another fingerprint), when there is one: the eval report shows what changed.
+    # It is context for reviewers, not an input of the results: it never enters the key.
+    wants_previous: bool = False

@@ -17,8 +17,7 @@ from pathlib import Path
 from data_specs.spec import RunSpec
 from tasks.documents import iter_documents
 from tasks.errors import InputError
-from tasks.fingerprint import tree_digest
-from tasks.stage import Inputs, Metrics, Stage
+from tasks.stage import Inputs, Metrics, Stage, content_digest
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -89,12 +88,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:
     """The content of a `tokenizer.from` folder (nothing when the tokenizer is trained)."""
-    if not spec.tokenizer.from_:
-        return {}
-    path = spec.resolve(spec.tokenizer.from_)
-    if not path.is_dir():
-        raise InputError(f"{spec.spec_path}: tokenizer.from: {path} is not a folder")
-    return {"tokenizer.from": tree_digest(path)}
+    return content_digest(spec, "tokenizer.from", spec.tokenizer.from_)
 
 
 STAGE = Stage(

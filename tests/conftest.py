@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,23 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
             else:
                 f.write(json.dumps(row).encode() + b"\n")
     return path
+
+
+def plain_transformers(model_dir: str | Path, body: str) -> dict:
+    """Runs `body` in a fresh interpreter that loads `model_dir` as `m` (model) and `t`
+    (tokenizer) with plain transformers, and returns the dict it assigns to `result`, plus
+    whether any gristmill module was imported."""
+    code = (
+        "import json, sys\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}); t = AutoTokenizer.from_pretrained({str(model_dir)!r})\n"
+        f"{body}\n"
+        "result['gristmill'] = any(k.split('.')[0] in ('tasks', 'flows', 'data_specs') for k in sys.modules)\n"
+        "print(json.dumps(result))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class SpecFactory:

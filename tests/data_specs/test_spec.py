@@ -1,6 +1,5 @@
 """The spec loader: valid specs load, bad ones are InputErrors naming the file and field."""
 
-from pathlib import Path
 
 import pytest
 

@@ -4,15 +4,14 @@ plain transformers and answer through the chat template."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.errors import InputError
 from tasks.runner import execute, plan
-from tests.tasks.test_pretrain import TINY_DOCS, run_until, tiny_project
+from tests.conftest import plain_transformers
+from tests.tasks.test_pretrain import run_until, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -64,20 +63,11 @@ def test_dpo_learns_the_preferences(tuned):
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_merged_model_answers_with_plain_transformers(tuned, stage):
-    model = Path(tuned[1][stage].path) / "model"
-    code = (
-        "import json, sys\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(model)!r}); t = AutoTokenizer.from_pretrained({str(model)!r})\n"
+    result = plain_transformers(Path(tuned[1][stage].path) / "model", (
         "ids = t.apply_chat_template([{'role': 'user', 'content': 'What is the grammar rule for `if_stmt`?'}],\n"
         "                            add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
         "out = m.generate(**ids, max_new_tokens=12, do_sample=False)\n"
-        "print(json.dumps({'answer': t.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True),\n"
-        "                  'gristmill': any(k.split('.')[0] in ('tasks', 'flows', 'data_specs') for k in sys.modules)}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        "result = {'answer': t.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)}"))
     assert result["answer"].strip() and not result["gristmill"]
 
 
@@ -128,7 +118,7 @@ def test_answers_file_has_every_question_and_arm(evaluated):
     for row in rows:
         assert set(row["arms"]) == set(evaluated[1]["eval"].record.metrics["arms"])
         assert all({"answer", "em", "f1", "rouge_l", "contains", "latency_s"} <= set(a) for a in row["arms"].values())
-        assert len(row["retrieved"]) == 3
+        assert len(row["retrieved"]) == 5  # max(k, 5): recall@5 is always measured
 
 
 def test_html_report_parses_and_holds_the_table_and_images(evaluated):
@@ -170,3 +160,15 @@ def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
     assert [r.name for r in run.stages] == ["eval"] and not run.stages[0].cached
     m = execute(run.stages[0], run.spec, factory.store).record.metrics
     assert m["questions"] == 1
+
+
+def test_a_later_eval_of_the_same_run_shows_what_changed(evaluated):
+    factory, results = evaluated
+    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 64, "overlap": 16},
+                           "eval": {"k": 2, "max_new_tokens": 16, "bootstrap": 300}})
+    row = [r for r in plan(spec, factory.store) if r.name == "eval"][0]
+    later = execute(row, spec, factory.store)
+    md = (Path(later.path) / "report.md").read_text()
+    assert f"## Change since the previous eval of {spec.name}" in md
+    earlier = [r.fingerprint for r in factory.store.history("eval") if r.fingerprint != later.fingerprint]
+    assert any(f"Against eval {fp}" in md for fp in earlier)  # it names the eval it compares against

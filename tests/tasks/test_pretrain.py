@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from data_specs.spec import OptimSpec
 from tasks.errors import InputError
 from tasks.runner import execute, plan
 from tasks.training import BatchOrder, lr_at
-from tests.conftest import REPO, SpecFactory
+from tests.conftest import REPO, SpecFactory, plain_transformers
 
 TINY_DOCS = REPO / "data_specs" / "tiny" / "docs.jsonl"
 FAST_PRETRAIN = {"model": {"preset": "tiny"}, "tokens": 80_000, "batch_tokens": 2048, "micro_batch": 16,
@@ -65,20 +62,11 @@ def test_loss_curve_csv(trained):
 
 def test_model_loads_with_plain_transformers(trained):
     """In a fresh interpreter that never imports gristmill."""
-    code = (
-        "import sys, json\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"p = {trained['pretrain'].path!r}\n"
-        "m = AutoModelForCausalLM.from_pretrained(p); t = AutoTokenizer.from_pretrained(p)\n"
+    result = plain_transformers(trained["pretrain"].path, (
         "ids = t('The assert statement', return_tensors='pt').input_ids\n"
         "out = m.generate(ids, max_new_tokens=5, do_sample=False)\n"
         "chat = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False, add_generation_prompt=True)\n"
-        "print(json.dumps({'new': out.shape[1] - ids.shape[1], 'chat': chat,\n"
-        "                  'gristmill': any(k.split('.')[0] in ('tasks', 'flows', 'data_specs') for k in sys.modules)}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        "result = {'new': out.shape[1] - ids.shape[1], 'chat': chat}"))
     assert result["new"] == 5 and not result["gristmill"]
     assert result["chat"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
