@@ -38,7 +38,7 @@ bench: install
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/qa_rules.py
 	$(BIN)/python bench/finetune.py
-	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/rag_eval.py
 
 clean:
 	rm -rf .gristmill

@@ -383,7 +383,9 @@ class FinetuneSpec(Section):
 class SFTSpec(FinetuneSpec):
     """Supervised fine-tuning on the train Q&A pairs in chat form (TRL SFTTrainer)."""
 
-    packing: bool = Field(True, description="Pack short examples into full sequences (best-fit decreasing).")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pack short examples into full sequences (TRL best-fit decreasing). auto: on with "
+        "CUDA only; on CPU padding-free packing measured 0.64x the padded throughput (BENCHMARKS.md).")
     context_fraction: float = Field(0.3, ge=0, le=1, description="Share of examples shown with their source "
                                     "passage and distractors, answered from the source (RAFT, Zhang et al. 2024).")
     distractors: int = Field(2, ge=0, description="Passages from other documents added to a grounded example.")

@@ -25,6 +25,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+import torch
+
 from data_specs.spec import RunSpec
 from eval.generate import generate
 from eval.metrics import token_f1
@@ -107,7 +109,8 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     peft = lora_config(cfg.lora, model, "sft") if cfg.lora else None
-    args = SFTConfig(**trainer_kwargs(cfg, work, max_length), packing=cfg.packing, assistant_only_loss=True)
+    packing = cfg.packing == "on" or (cfg.packing == "auto" and torch.cuda.is_available())
+    args = SFTConfig(**trainer_kwargs(cfg, work, max_length), packing=packing, assistant_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
                          eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
@@ -122,7 +125,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             "tokens_per_s": tokens_per_second(trainer, tokens), "answer_f1_before": f1_before,
             "answer_f1_after": f1_after, "answer_sample": len(sample), "examples": len(train_rows),
             "val_examples": len(val_rows), **counts, "resumed_from_step": resumed,
-            "steps": trainer.state.global_step, "lora": cfg.lora is not None}
+            "steps": trainer.state.global_step, "lora": cfg.lora is not None, "packing": packing}
 
 
 STAGE = Stage(

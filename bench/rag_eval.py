@@ -8,8 +8,8 @@ chunks, and questions/s per arm on an existing store.
 2. With --store and --spec naming a finished run: questions/s of each arm, read from that
    run's eval answers (latency per question, the same for every arm's measure).
 
-    .venv/bin/python bench/eval.py
-    .venv/bin/python bench/eval.py --spec data_specs/python_docs.yaml --store .gristmill
+    .venv/bin/python bench/rag_eval.py
+    .venv/bin/python bench/rag_eval.py --spec data_specs/python_docs.yaml --store .gristmill
 """
 
 from __future__ import annotations
