@@ -413,7 +413,9 @@ class StageResources(Section):
     """Hardware for one training stage. Never part of a cache key."""
 
     gpus: int = unkeyed(1, ge=1, description="Processes to train with: one per GPU, launched with torchrun "
-                        "and DDP when > 1 (without CUDA: CPU processes over gloo, which tests the launch path).")
+                        "when > 1 (without CUDA: CPU processes over gloo, which tests the launch path).")
+    strategy: Literal["ddp", "fsdp"] = unkeyed("ddp", description="How several processes share the model: "
+                                                "DDP (a full copy each) or FSDP (parameters sharded per layer).")
 
 
 class ResourcesSpec(Section):

@@ -25,12 +25,13 @@ from tasks.training import Dist
 def main(job_path: str) -> int:
     """Joins the process group, runs its share of the stage, and (main process) reports."""
     job = json.loads(Path(job_path).read_text())
+    spec = RunSpec.model_validate(job["spec"])
     dist = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
-                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                strategy=getattr(spec.resources, job["stage"]).strategy)
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank)
     torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")  # gloo: CPU test path
-    spec = RunSpec.model_validate(job["spec"])
     spec._spec_path = Path(job["spec_path"])
     stage = importlib.import_module(f"tasks.{job['stage']}")
     inputs = {k: Path(v) for k, v in job["inputs"].items()}

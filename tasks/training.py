@@ -38,6 +38,11 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0  # which GPU of this machine
+    strategy: str = "ddp"  # "ddp" or "fsdp" when world > 1
+
+    @property
+    def fsdp(self) -> bool:
+        return self.world > 1 and self.strategy == "fsdp"
 
     @property
     def main(self) -> bool:
@@ -135,12 +140,52 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, curve: list, tokens_seen: int) -> None:
-    """Atomic: written to a temp file, then renamed over the previous checkpoint."""
+def _full_state(model, optimizer, dist: Dist) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (a collective call on every rank under FSDP)."""
+    if not dist.fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _load_state(model, optimizer, state: dict, dist: Dist) -> None:
+    """Loads a full checkpoint into a (possibly sharded) model and its optimizer."""
+    if not dist.fsdp:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, curve: list, tokens_seen: int, dist: Dist) -> None:
+    """Atomic: written to a temp file, then renamed over the previous checkpoint (main process)."""
+    model_state, optim_state = _full_state(model, optimizer, dist)
+    if not dist.main:
+        return
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    torch.save({"model": model_state, "optimizer": optim_state, "step": step,
                 "curve": curve, "tokens_seen": tokens_seen}, tmp)
     os.replace(tmp, path)
+
+
+def export_model(model: torch.nn.Module, dist: Dist) -> torch.nn.Module | None:
+    """The trained model, unsharded, on the main process (None elsewhere); collective under FSDP."""
+    if not dist.fsdp:
+        return model if dist.main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.main:
+        return None
+    plain = type(model)(model.config)
+    plain.load_state_dict(full)
+    return plain
 
 
 def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, spec: OptimSpec,
@@ -157,7 +202,13 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
 
     model.to(device)
     raw_model = model
-    if dist.world > 1:
+    if dist.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in raw_model.model.layers:  # one shard group per decoder block, then the rest
+            fully_shard(layer)
+        fully_shard(raw_model)
+    elif dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(raw_model, spec.weight_decay), lr=spec.lr, betas=spec.betas, fused=fused)
@@ -169,8 +220,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
     start_step, curve, tokens_seen = 0, [], 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_state(raw_model, optimizer, state, dist)
         start_step, curve, tokens_seen = state["step"], state["curve"], state["tokens_seen"]
     else:
         curve.append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": None,
@@ -190,7 +240,10 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
             first = (step * accum + m) * micro * dist.world + dist.rank * micro
             batch = train[order.blocks(first, micro)].to(device, non_blocking=True)
             sync = dist.world == 1 or m == accum - 1  # all-reduce gradients once per step
-            with _autocast(device), (model.no_sync() if not sync else contextlib.nullcontext()):
+            if dist.fsdp:
+                raw_model.set_requires_gradient_sync(sync)
+            no_sync = model.no_sync() if not sync and not dist.fsdp else contextlib.nullcontext()
+            with _autocast(device), no_sync:
                 loss = model(input_ids=batch, labels=batch).loss / accum
                 loss.backward()
             loss_sum += loss.detach().float().item()
@@ -213,8 +266,8 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
             row["val_loss"] = evaluate(raw_model, val, spec, micro, device)
         curve.append(row)
         progress.update(done, loss_sum, trained_tokens / max(train_time, 1e-9))
-        if done % spec.checkpoint_every == 0 and done < total_steps and dist.main:
-            _save_checkpoint(ckpt_path, raw_model, optimizer, done, curve, tokens_seen)
+        if done % spec.checkpoint_every == 0 and done < total_steps:
+            _save_checkpoint(ckpt_path, raw_model, optimizer, done, curve, tokens_seen, dist)
         if dist.world > 1:
             torch_dist.barrier()
     progress.close()
@@ -229,6 +282,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "steps": total_steps, "resumed_from_step": start_step, "batch_tokens_effective": step_tokens,
         "grad_accumulation": accum, "processes": dist.world, "device": str(device),
+        "strategy": dist.strategy if dist.world > 1 else "single",
         "parameters": sum(p.numel() for p in raw_model.parameters()),
         "train_blocks": len(train), "val_blocks": len(val), "seq_len": seq_len,
     }

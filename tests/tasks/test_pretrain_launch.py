@@ -16,10 +16,12 @@ from tests.tasks.test_pretrain import FAST_PRETRAIN, run_until, tiny_project
 pytestmark = pytest.mark.slow
 
 
-def test_killed_pretrain_resumes_from_its_checkpoint(tmp_path):
-    clean = run_until(tiny_project(tmp_path / "clean"), "pretrain")["pretrain"].record.metrics
+@pytest.mark.parametrize("resources", [{}, {"pretrain": {"gpus": 2, "strategy": "fsdp"}}], ids=["single", "fsdp"])
+def test_killed_pretrain_resumes_from_its_checkpoint(tmp_path, resources):
+    extra = {"resources": resources} if resources else {}
+    clean = run_until(tiny_project(tmp_path / "clean", **extra), "pretrain")["pretrain"].record.metrics
 
-    factory = tiny_project(tmp_path / "killed")
+    factory = tiny_project(tmp_path / "killed", **extra)
     run_until(factory, "tokenizer")
     spec_path = factory.write(**factory.sections)
     code = ("import sys; from flows.cli import main; "
@@ -46,12 +48,17 @@ def test_killed_pretrain_resumes_from_its_checkpoint(tmp_path):
     assert not list(factory.store.local_root.glob(".work/pretrain/*"))  # scratch removed once published
 
 
-def test_two_processes_through_torchrun(tmp_path):
-    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP."""
-    factory = tiny_project(tmp_path, resources={"pretrain": {"gpus": 2}})
-    result = run_until(factory, "pretrain", pretrain={**FAST_PRETRAIN, "tokens": 16_384})["pretrain"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_through_torchrun(tmp_path, strategy):
+    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP or FSDP."""
+    factory = tiny_project(tmp_path, resources={"pretrain": {"gpus": 2, "strategy": strategy}})
+    # checkpoint_every 3: the checkpoint save (a collective gather under FSDP) runs twice.
+    result = run_until(factory, "pretrain", pretrain={**FAST_PRETRAIN, "tokens": 16_384, "checkpoint_every": 3})["pretrain"]
     m = result.record.metrics
-    assert m["processes"] == 2
+    assert m["processes"] == 2 and m["strategy"] == strategy
     assert m["batch_tokens_effective"] == 2048  # the effective batch is kept across processes
     assert m["val_loss_final"] < m["val_loss_initial"]
     assert (result.record.files.keys() >= {"model.safetensors", "config.json", "loss_curve.csv"})
+    from transformers import AutoModelForCausalLM  # the unsharded export loads as a plain model
+
+    AutoModelForCausalLM.from_pretrained(result.path)
