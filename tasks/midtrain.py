@@ -27,7 +27,7 @@ from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import is_validation, pack, split_by_document
 from tasks.stage import Inputs, Metrics, Stage
-from tasks.training import Dist, export_model, pick_device, train_loop, write_curve
+from tasks.training import Dist, pick_device, save_trained, train_loop
 
 
 def qa_text(question: str, answer: str) -> str:
@@ -85,11 +85,7 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
     model = AutoModelForCausalLM.from_pretrained(str(inputs["pretrain"]), use_safetensors=True, dtype=torch.float32)
     train, val, manifest = mixture(spec, inputs, tokenizer, model.config.max_position_embeddings)
     result = train_loop(model, train, val, spec.midtrain, work, pick_device(dist), dist, label="midtrain")
-    trained = export_model(model, dist)  # collective under FSDP
-    if dist.main:
-        trained.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
-        write_curve(result.curve, out / "loss_curve.csv")
+    if save_trained(model, tokenizer, result, out, dist):
         (out / "mixture.json").write_text(json.dumps(manifest, indent=2))
     return {**result.metrics, "mixture": manifest["blocks_drawn"]}
 

@@ -26,7 +26,7 @@ from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import packed_splits
 from tasks.stage import Inputs, Metrics, Stage, content_digest
-from tasks.training import Dist, export_model, pick_device, train_loop, write_curve
+from tasks.training import Dist, pick_device, save_trained, train_loop
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
 
@@ -84,11 +84,7 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
     train, val = packed_splits(iter_documents(inputs["dedup"] / "documents"), tokenizer, block,
                                spec.pretrain.val_fraction, spec.pretrain.seed, f"{spec.spec_path}: pretrain")
     result = train_loop(model, train, val, spec.pretrain, work, pick_device(dist), dist, label="pretrain")
-    trained = export_model(model, dist)  # collective under FSDP
-    if dist.main:
-        trained.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
-        write_curve(result.curve, out / "loss_curve.csv")
+    save_trained(model, tokenizer, result, out, dist)
     return result.metrics
 
 

@@ -289,6 +289,19 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
     return LoopResult(metrics, curve)
 
 
+def save_trained(model: torch.nn.Module, tokenizer, result: LoopResult, out: Path, dist: Dist) -> bool:
+    """Writes the trained model (unsharded), its tokenizer and loss_curve.csv into `out`.
+
+    Call on every process (the FSDP export is collective); returns True on the one that wrote."""
+    trained = export_model(model, dist)
+    if not dist.main:
+        return False
+    trained.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    write_curve(result.curve, out / "loss_curve.csv")
+    return True
+
+
 def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
     """The loss curve as CSV: step, tokens, lr, train_loss, val_loss (empty where not measured)."""
     with path.open("w", newline="") as f:
