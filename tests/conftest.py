@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ TINY = REPO / "data_specs" / "tiny.yaml"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Hermetic Prefect: the tests (and the CLI subprocesses they start) get a fresh Prefect home
+# of their own, so a user's ~/.prefect database, or another run using it, cannot interfere.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gristmill-prefect-")
 
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "gu", "ba", "fe", "zo", "hy", "wa", "qi"]
