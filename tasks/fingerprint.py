@@ -49,16 +49,21 @@ def digest_key(key: dict[str, Any]) -> str:
 _FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, memoised by its stat so a re-plan does not re-read it."""
     st = path.stat()
     memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if memo not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _FILE_DIGESTS[memo] = h.hexdigest()
+        _FILE_DIGESTS[memo] = sha256_file(path)
     return _FILE_DIGESTS[memo]
 
 

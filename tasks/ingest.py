@@ -118,8 +118,9 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Reads every source through datatrove and writes the kept documents and the rejects."""
+    sources = _source_inputs(spec)
     readers = []
-    for i, src, files in _source_inputs(spec):
+    for i, src, files in sources:
         if src.kind == "python_docs":
             generated = work / "python_docs.jsonl"
             if not generated.exists():
@@ -139,7 +140,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
                                if k.startswith("dropped_")},
         "chars_out": counts.get("doc_len", 0),
         "sources": [{"source": i, "kind": src.kind, "read": counts.get(f"read_source_{i}", 0),
-                     "kept": counts.get(f"kept_source_{i}", 0)} for i, src, _ in _source_inputs(spec)],
+                     "kept": counts.get(f"kept_source_{i}", 0)} for i, src, _ in sources],
     }
     for s in metrics["sources"]:
         if s["kept"] == 0:

@@ -12,10 +12,15 @@ from tasks.errors import InputError
 TOKENIZE_BATCH = 256  # documents per call to the fast tokenizer (it parallelises within a call)
 
 
+def hash_unit(seed: int, key: str) -> float:
+    """A number in [0, 1) that depends only on (seed, key): seeded splits and samples that never
+    depend on the order of the data."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
 def is_validation(doc_id: str, fraction: float, seed: int) -> bool:
     """A document's split depends only on its id and the seed, never on corpus order."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
+    return hash_unit(seed, doc_id) < fraction
 
 
 def split_by_document(docs: Iterable[dict], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -28,14 +28,10 @@ from typing import Any
 from data_specs.spec import RunSpec
 from eval.questions import load_questions
 from tasks.documents import iter_documents
+from tasks.lm_data import hash_unit
 from tasks.errors import InputError
 from tasks.qa_common import Pair, normalize_question, reject_reason
 from tasks.stage import Inputs, Metrics, Stage, content_digest, shared_cache
-
-
-def _hash_unit(seed: int, key: str) -> float:
-    """A number in [0, 1) that depends only on (seed, key)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
 
 def pair_id(pair: Pair) -> str:
@@ -97,7 +93,7 @@ def _split(pairs: list[Pair], spec: RunSpec) -> tuple[list[Pair], list[dict[str,
     train, held = [], []
     for pair in pairs:
         key = normalize_question(pair.question) if spec.qa.split_by == "question" else pair.doc_id
-        (held if _hash_unit(spec.qa.seed, key) < spec.qa.eval_fraction else train).append(pair)
+        (held if hash_unit(spec.qa.seed, key) < spec.qa.eval_fraction else train).append(pair)
     return train, [_row(p, "eval", answers=[p.answer]) for p in held]
 
 

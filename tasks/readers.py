@@ -184,7 +184,7 @@ class SourceReader(PipelineStep):
             if rank == 0:  # a dataset folder is one unit: the first rank reads all of it
                 yield from read_hf_dataset(self.files[0].root, f"{self.index}:{self.source.path}", self.source)
             return
-        readers = {"jsonl": read_jsonl, "python_docs": read_jsonl, "parquet": read_parquet, "text": read_text_file}
+        readers = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text_file}
         for file in self.files[rank::world_size]:
             try:
                 yield from readers[self.source.kind](file, self.source)

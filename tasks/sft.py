@@ -18,7 +18,6 @@ _after: token F1 of greedy answers to a fixed sample of train questions, before 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -33,7 +32,7 @@ from eval.metrics import token_f1
 from eval.prompts import chat
 from tasks.documents import iter_documents
 from tasks.finetune import history, load_model, lora_config, save_models, write_history, tokens_per_second, train, trainer_kwargs
-from tasks.lm_data import is_validation
+from tasks.lm_data import hash_unit, is_validation
 from tasks.stage import Inputs, Metrics, Stage
 
 
@@ -58,20 +57,21 @@ def examples(spec: RunSpec, pairs: list[dict], docs: dict[str, str], tokenizer, 
     rng = random.Random(cfg.seed)
     ids = sorted(docs)
     out, counts = [], {"grounded": 0, "grounded_too_long": 0}
+    answer = lambda pair, passages: chat(pair["question"], passages) + [{"role": "assistant", "content": pair["answer"]}]
     for pair in pairs:
-        passages = None
+        messages = None
         if pair["doc_id"] in docs and rng.random() < cfg.context_fraction:
             others = [d for d in rng.sample(ids, min(len(ids), cfg.distractors + 1)) if d != pair["doc_id"]][: cfg.distractors]
             passages = [passage(docs[pair["doc_id"]], pair.get("span"), cfg.passage_chars, rng)]
             passages += [passage(docs[d], None, cfg.passage_chars, rng) for d in others]
             rng.shuffle(passages)
-            messages = chat(pair["question"], passages) + [{"role": "assistant", "content": pair["answer"]}]
+            messages = answer(pair, passages)
             if len(tokenizer.apply_chat_template(messages, tokenize=True)) > max_length:
                 counts["grounded_too_long"] += 1
-                passages = None
+                messages = None
             else:
                 counts["grounded"] += 1
-        messages = chat(pair["question"], passages) + [{"role": "assistant", "content": pair["answer"]}]
+        messages = messages or answer(pair, None)
         out.append({"messages": messages, "id": pair["id"], "question": pair["question"]})
     return out, counts
 
@@ -84,7 +84,7 @@ def answer_f1(model, tokenizer, sample: list[dict], max_new_tokens: int) -> floa
 
 def fixed_sample(pairs: list[dict], n: int, seed: int) -> list[dict]:
     """The same train questions before and after, chosen by a hash of their id and the seed."""
-    return sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:{p['id']}".encode()).digest())[:n]
+    return sorted(pairs, key=lambda p: hash_unit(seed, p["id"]))[:n]
 
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:

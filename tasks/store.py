@@ -28,6 +28,8 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel, ConfigDict
 
+from tasks.fingerprint import sha256_file
+
 RECORD = "artifact.json"
 WORK = ".work"  # per-fingerprint scratch kept across attempts (checkpoints, datatrove logs)
 LOCKS = ".locks"
@@ -53,11 +55,7 @@ def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every payload file, so later damage to an artifact can be detected."""
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        files[path.relative_to(root).as_posix()] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+        files[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return files
 
 
@@ -174,10 +172,14 @@ class ArtifactStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def _builds(self, stage: str) -> Path:
+        """Where temp build folders go: beside the artifacts locally (one rename publishes),
+        under the local cache for a remote store (uploaded on publish)."""
+        return Path(self.root) / stage if self.is_local else self.local_root / "builds" / stage
+
     def new_build_dir(self, stage: str, fingerprint: str) -> Path:
         """A fresh, empty local folder to build an artifact in (never seen as done)."""
-        base = Path(self.root) / stage if self.is_local else self.local_root / "builds" / stage
-        path = base / f".tmp-{fingerprint}-{uuid.uuid4().hex[:8]}"
+        path = self._builds(stage) / f".tmp-{fingerprint}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
 
@@ -225,8 +227,7 @@ class ArtifactStore:
 
         Call with the fingerprint's lock held: no live build of it can be in progress then.
         """
-        base = Path(self.root) / stage if self.is_local else self.local_root / "builds" / stage
-        for path in base.glob(f".tmp-{fingerprint}-*"):
+        for path in self._builds(stage).glob(f".tmp-{fingerprint}-*"):
             shutil.rmtree(path, ignore_errors=True)
         final = Path(self.root) / stage / fingerprint
         if self.is_local and final.exists() and not (final / RECORD).exists():
