@@ -8,3 +8,8 @@ class InputError(Exception):
 
 class StageError(Exception):
     """A stage failed while building its artifact; the CLI exits with code 1."""
+
+
+class TransientError(StageError):
+    """A failure worth retrying as it is: remote store I/O or an API that kept failing after
+    the call-level retries. Prefect retries a stage that raises it (flows/pipeline.py)."""
