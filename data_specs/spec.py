@@ -409,8 +409,17 @@ class DPOSpec(FinetuneSpec):
                                   "each one costs a generation and a DPO example.")
 
 
-class StageResources(Section):
-    """Hardware for one training stage. Never part of a cache key."""
+class StageLimits(Section):
+    """Limits of one training stage. Never part of a cache key."""
+
+    time_limit: float | None = unkeyed(None, gt=0, description="Wall-clock limit of the training loop, in seconds "
+                                       "(checked at each optimizer step; data preparation before it and saving after "
+                                       "it are not counted). When reached: a checkpoint is saved, the stage fails, "
+                                       "and a rerun resumes from the checkpoint with a fresh limit.")
+
+
+class StageResources(StageLimits):
+    """Hardware and limits for one training stage (our loop: pretrain, midtrain). Never part of a cache key."""
 
     gpus: int = unkeyed(1, ge=1, description="Processes to train with: one per GPU, launched with torchrun "
                         "when > 1 (without CUDA: CPU processes over gloo, which tests the launch path).")
@@ -419,10 +428,12 @@ class StageResources(Section):
 
 
 class ResourcesSpec(Section):
-    """Hardware per stage."""
+    """Hardware and limits per training stage (sft and dpo train in one process: limits only)."""
 
     pretrain: StageResources = StageResources()
     midtrain: StageResources = StageResources()
+    sft: StageLimits = StageLimits()
+    dpo: StageLimits = StageLimits()
 
 
 # ---------------------------------------------------------------- execution

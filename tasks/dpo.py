@@ -89,7 +89,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     peft = lora_config(cfg.lora, model, "dpo") if cfg.lora else None
     args = DPOConfig(**trainer_kwargs(cfg, work, max_length), beta=cfg.beta, loss_type=[cfg.loss_type])
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
-    resumed = train(trainer, work, "dpo")
+    resumed = train(trainer, work, "dpo", time_limit=spec.resources.dpo.time_limit)
 
     lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
     write_history(trainer, out / "loss_curve.csv")

@@ -1,5 +1,5 @@
-"""What the SFT and DPO stages share: LoRA set-up, trainer arguments, resume, and saving
-an adapter plus a merged model that plain transformers can load."""
+"""What the SFT and DPO stages share: LoRA set-up, trainer arguments, resume, a wall-clock time
+limit, and saving an adapter plus a merged model that plain transformers can load."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from data_specs.spec import FinetuneSpec, LoraSpec
 from tasks.errors import InputError
+from tasks.training import Deadline, TimeLimitReached
 
 TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept across a killed run
 
@@ -88,16 +89,44 @@ def _progress_callback(label: str):
     return ProgressCallback()
 
 
-def train(trainer, work: Path, label: str) -> int:
-    """Runs the trainer, resuming from a checkpoint of a killed run; returns the step resumed from."""
+def _time_limit_callback(limit_s: float | None):
+    """A TrainerCallback that, once `limit_s` seconds of training have passed, has the trainer save
+    a checkpoint and stop at the end of the current optimizer step; `stopped_at` records the step.
+
+    Checked in on_step_end, which runs before the trainer's own save check of the same step, so
+    the checkpoint holds the step just finished."""
+    from transformers import TrainerCallback
+
+    class TimeLimitCallback(TrainerCallback):
+        stopped_at: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = Deadline(limit_s)  # the clock starts with training, not with the stage
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps and self.deadline.passed():
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+    return TimeLimitCallback()
+
+
+def train(trainer, work: Path, label: str, time_limit: float | None = None) -> int:
+    """Runs the trainer, resuming from a checkpoint of a killed or stopped run; returns the step
+    resumed from. Raises TimeLimitReached (after a checkpoint) when `time_limit` seconds pass."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     # One progress display: ours (a bar on a terminal, log lines in a log file), not a printed dict per step.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(label))
+    limit = _time_limit_callback(time_limit)
+    trainer.add_callback(limit)
     checkpoint, step = last_checkpoint(work)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if limit.stopped_at is not None:
+        raise TimeLimitReached(label, time_limit, limit.stopped_at, trainer.state.max_steps)
     return step
 
 

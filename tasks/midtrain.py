@@ -27,7 +27,7 @@ from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import is_validation, pack, split_by_document
 from tasks.stage import Inputs, Metrics, Stage
-from tasks.training import Dist, pick_device, save_trained, train_loop
+from tasks.training import Dist, check_time_limit, pick_device, save_trained, train_loop
 
 
 def qa_text(question: str, answer: str) -> str:
@@ -84,7 +84,8 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
     tokenizer = AutoTokenizer.from_pretrained(str(inputs["pretrain"]))
     model = AutoModelForCausalLM.from_pretrained(str(inputs["pretrain"]), use_safetensors=True, dtype=torch.float32)
     train, val, manifest = mixture(spec, inputs, tokenizer, model.config.max_position_embeddings)
-    result = train_loop(model, train, val, spec.midtrain, work, pick_device(dist), dist, label="midtrain")
+    result = train_loop(model, train, val, spec.midtrain, work, pick_device(dist), dist, label="midtrain",
+                        time_limit=spec.resources.midtrain.time_limit)
     if save_trained(model, tokenizer, result, out, dist):
         (out / "mixture.json").write_text(json.dumps(manifest, indent=2))
     return {**result.metrics, "mixture": manifest["blocks_drawn"]}
@@ -92,7 +93,8 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Mid-trains the pretrained model on the mixture."""
-    return run_or_launch("midtrain", run, spec, inputs, out, work, spec.resources.midtrain.gpus)
+    return check_time_limit("midtrain", run_or_launch("midtrain", run, spec, inputs, out, work,
+                                                       spec.resources.midtrain.gpus))
 
 
 STAGE = Stage(

@@ -26,7 +26,7 @@ from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import packed_splits
 from tasks.stage import Inputs, Metrics, Stage, content_digest
-from tasks.training import Dist, pick_device, save_trained, train_loop
+from tasks.training import Dist, check_time_limit, pick_device, save_trained, train_loop
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
 
@@ -83,14 +83,16 @@ def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Met
     model, block = make_model(spec, tokenizer)
     train, val = packed_splits(iter_documents(inputs["dedup"] / "documents"), tokenizer, block,
                                spec.pretrain.val_fraction, spec.pretrain.seed, f"{spec.spec_path}: pretrain")
-    result = train_loop(model, train, val, spec.pretrain, work, pick_device(dist), dist, label="pretrain")
+    result = train_loop(model, train, val, spec.pretrain, work, pick_device(dist), dist, label="pretrain",
+                        time_limit=spec.resources.pretrain.time_limit)
     save_trained(model, tokenizer, result, out, dist)
     return result.metrics
 
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Trains the model and writes it with its tokenizer and loss curve."""
-    return run_or_launch("pretrain", run, spec, inputs, out, work, spec.resources.pretrain.gpus)
+    return check_time_limit("pretrain", run_or_launch("pretrain", run, spec, inputs, out, work,
+                                                       spec.resources.pretrain.gpus))
 
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:

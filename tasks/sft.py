@@ -114,7 +114,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
                          eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
-    resumed = train(trainer, work, "sft")
+    resumed = train(trainer, work, "sft", time_limit=spec.resources.sft.time_limit)
     val_loss = trainer.evaluate()["eval_loss"]
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.epochs
     f1_after = answer_f1(trainer.model, tokenizer, sample, cfg.max_new_tokens)

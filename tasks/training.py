@@ -2,9 +2,14 @@
 
 One loop, written once: AdamW, warmup then cosine or warmup-stable-decay, gradient
 accumulation to a token batch, a token budget, bf16 autocast on GPU (fp32 on CPU),
-periodic validation on a fixed subset, resumable checkpoints, progress, and measured
-throughput. The data order is a pure function of (seed, step), so a run resumed from a
-checkpoint sees exactly the batches an uninterrupted run would have seen.
+periodic validation on a fixed subset, resumable checkpoints, progress, measured
+throughput, and a wall-clock time limit. The data order is a pure function of (seed, step), so
+a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+
+The time limit is enforced here, at step boundaries, because nothing outside can interrupt a
+blocking training step cleanly (a Prefect timeout cannot). When it passes, the loop saves a
+checkpoint and returns early; the stage then fails with `TimeLimitReached`, and a rerun
+resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.distributed as torch_dist
 
 from data_specs.spec import OptimSpec
+from tasks.errors import StageError
 from tasks.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -55,6 +61,39 @@ class LoopResult:
 
     metrics: dict[str, Any]
     curve: list[dict[str, Any]] = field(default_factory=list)
+    # The step the time limit stopped the loop at (a checkpoint holds it); None when it finished.
+    stopped_at: int | None = None
+
+
+TIME_LIMIT_KEY = "time_limit_reached"  # the metric a stopped loop returns instead of its results
+
+
+class TimeLimitReached(StageError):
+    """A training stage stopped at its time limit, after saving a checkpoint a rerun resumes from."""
+
+    def __init__(self, label: str, limit_s: float, step: int, steps: int):
+        super().__init__(f"{label} reached its time limit of {limit_s:g} s at step {step} of {steps}; "
+                         f"checkpoint saved; rerun to resume")
+
+
+class Deadline:
+    """A wall-clock limit counted from when this object is made; a limit of None never passes."""
+
+    def __init__(self, limit_s: float | None):
+        self.limit_s, self.start = limit_s, time.monotonic()
+
+    def passed(self) -> bool:
+        return self.limit_s is not None and time.monotonic() - self.start >= self.limit_s
+
+
+def check_time_limit(label: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a finished loop; raises TimeLimitReached for those of a stopped one.
+
+    Works on metrics so it holds for torchrun runs too: they come back from the main process."""
+    stop = metrics.get(TIME_LIMIT_KEY)
+    if stop:
+        raise TimeLimitReached(label, stop["limit_s"], stop["step"], stop["steps"])
+    return metrics
 
 
 def lr_at(step: int, total: int, spec: OptimSpec) -> float:
@@ -188,9 +227,26 @@ def export_model(model: torch.nn.Module, dist: Dist) -> torch.nn.Module | None:
     return plain
 
 
+def _reduce_step(loss_sum: float, over: bool, dist: Dist, device: torch.device) -> tuple[float, bool]:
+    """(mean loss over processes, whether any process is past its time limit): one all-reduce.
+
+    Every rank gets the same answer, so all stop at the same step boundary (a rank that stopped
+    alone would leave the others waiting in a collective forever)."""
+    if dist.world == 1:
+        return loss_sum, over
+    t = torch.tensor([loss_sum, float(over)], device=device)
+    torch_dist.all_reduce(t)
+    return t[0].item() / dist.world, t[1].item() > 0
+
+
 def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, spec: OptimSpec,
-               work: Path, device: torch.device, dist: Dist = Dist(), label: str = "train") -> LoopResult:
-    """Trains `model` in place on packed blocks for `spec.tokens` tokens; returns metrics and the curve."""
+               work: Path, device: torch.device, dist: Dist = Dist(), label: str = "train",
+               time_limit: float | None = None) -> LoopResult:
+    """Trains `model` in place on packed blocks for `spec.tokens` tokens; returns metrics and the curve.
+
+    With `time_limit` (seconds, from this call), stops at the first step boundary past it with a
+    checkpoint and returns a LoopResult whose `stopped_at` is set (see check_time_limit)."""
+    deadline = Deadline(time_limit)
     # ---- geometry: accumulation reaches batch_tokens with micro_batch sequences per pass
     seq_len = train.shape[1]
     # Never more sequences per pass than the token batch holds (it would silently grow the batch).
@@ -229,7 +285,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
     # ---- the loop
     progress = Progress(label, total_steps, start_step, enabled=dist.main)
     model.train()
-    trained_tokens, train_time = 0, 0.0
+    trained_tokens, train_time, stopped_at = 0, 0.0, None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, total_steps, spec)
@@ -250,10 +306,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), spec.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if dist.world > 1:
-            t = torch.tensor([loss_sum], device=device)
-            torch_dist.all_reduce(t)
-            loss_sum = t.item() / dist.world
+        loss_sum, over = _reduce_step(loss_sum, deadline.passed(), dist, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0
@@ -266,11 +319,18 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
             row["val_loss"] = evaluate(raw_model, val, spec, micro, device)
         curve.append(row)
         progress.update(done, loss_sum, trained_tokens / max(train_time, 1e-9))
-        if done % spec.checkpoint_every == 0 and done < total_steps:
+        if over and done < total_steps:  # at the last step, finishing costs less than stopping
+            stopped_at = done
+        if stopped_at or (done % spec.checkpoint_every == 0 and done < total_steps):
             _save_checkpoint(ckpt_path, raw_model, optimizer, done, curve, tokens_seen, dist)
         if dist.world > 1:
             torch_dist.barrier()
+        if stopped_at:
+            break
     progress.close()
+    if stopped_at:
+        stop = {"limit_s": time_limit, "step": stopped_at, "steps": total_steps}
+        return LoopResult({TIME_LIMIT_KEY: stop, "resumed_from_step": start_step}, curve, stopped_at)
 
     tokens_per_s = trained_tokens / max(train_time, 1e-9)
     val_losses = [r["val_loss"] for r in curve if r["val_loss"] is not None]
@@ -292,7 +352,10 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
 def save_trained(model: torch.nn.Module, tokenizer, result: LoopResult, out: Path, dist: Dist) -> bool:
     """Writes the trained model (unsharded), its tokenizer and loss_curve.csv into `out`.
 
-    Call on every process (the FSDP export is collective); returns True on the one that wrote."""
+    Call on every process (the FSDP export is collective); returns True on the one that wrote.
+    A loop stopped by its time limit writes nothing: the stage fails and a rerun resumes."""
+    if result.stopped_at is not None:
+        return False
     trained = export_model(model, dist)
     if not dist.main:
         return False
