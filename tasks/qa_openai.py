@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import tempfile
 import threading
@@ -33,15 +32,14 @@ import httpx
 from data_specs.spec import OpenAISpec
 from tasks.errors import InputError
 from tasks.qa_common import Pair, locate, normalize_question
+from tasks.retry import backoff_delay_s
 
 log = logging.getLogger("gristmill")
 
 Messages = list[dict[str, str]]
 
-# Backoff between retries (seconds): full jitter over base * 2**attempt, capped. A
-# Retry-After header, when the endpoint sends one, replaces the jitter (also capped).
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 30.0
+# Backoff between retries: tasks/retry.py's full jitter; a Retry-After header, when the
+# endpoint sends one, replaces the jitter (capped there too).
 # 408 is a server-side timeout; 429 is rate limiting; 5xx are the server's own failures.
 _RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 # Conversations sent to `complete_many` at once by `generate_pairs`: enough to keep every
@@ -234,14 +232,6 @@ class ChatClient:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def backoff_delay_s(attempt: int, retry_after_s: float | None) -> float:
-    """Seconds to wait before retry `attempt + 1`: the server's Retry-After when given, else
-    full jitter (uniform in [0, base * 2**attempt]) so many workers do not retry in step."""
-    if retry_after_s is not None:
-        return min(BACKOFF_CAP_S, retry_after_s)
-    return random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** attempt))
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

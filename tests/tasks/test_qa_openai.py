@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from data_specs.spec import OpenAISpec
-from tasks import qa_openai
+from tasks import retry
 from tasks.errors import InputError
 from tasks.qa_openai import (ChatClient, generate_pairs, paraphrase_questions, parse_json_list,
                              resolve_api_key, split_chunks)
@@ -112,7 +112,7 @@ def server() -> Iterator[tuple[FakeOpenAI, str]]:
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries without Retry-After (timeouts, dropped connections) wait milliseconds, not seconds."""
-    monkeypatch.setattr(qa_openai, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(retry, "BACKOFF_BASE_S", 0.01)
 
 
 def make_spec(base_url: str, **kw: Any) -> OpenAISpec:
