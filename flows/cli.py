@@ -1,6 +1,7 @@
 """The `gristmill` command line.
 
     gristmill run SPEC [--store DIR_OR_URL] [--until STAGE | --only STAGE] [--force STAGE ...]
+                       [--gpu-deployment FLOW/DEPLOYMENT]
     gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--json]
     gristmill report SPEC [--store DIR_OR_URL]
     gristmill eval SPEC --questions FILE [--store DIR_OR_URL]
@@ -64,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
 
     state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
-                               return_state=True)
+                               gpu_deployment=args.gpu_deployment, return_state=True)
     results = state.result()  # raises the InputError or stage failure that ended the run
     print("done:")
     width = max(len(r.name) for r in results)
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs what it needs)")
     run.add_argument("--only", metavar="STAGE", help="run just this stage on cached upstream artifacts")
+    run.add_argument("--gpu-deployment", metavar="FLOW/DEPLOYMENT",
+                     help="run the GPU stages (pretrain, midtrain, sft, dpo, eval) that are not cached as flow runs "
+                          "of this one-stage deployment (e.g. gristmill-stage/gpu) on the Prefect server at "
+                          "PREFECT_API_URL; the store must be one every worker reaches (e.g. s3://...)")
     run.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="dry run: each stage's fingerprint, cached or not, and why")

@@ -4,6 +4,12 @@
 cache key as the store (`StoreCachePolicy`), so its UI shows reused stages as Cached; the
 store stays the source of truth: a stage whose artifact is missing from the store is always
 re-run (`refresh_cache`), whatever Prefect remembers.
+
+`gristmill_stage` runs exactly one stage; it is what the GPU work pool's deployment runs. With
+`gpu_deployment` set, the pipeline runs the data stages itself and each GPU stage that is not
+cached (tasks.registry.GPU_STAGES) as a flow run of that deployment, waiting for it. Both flows
+use one artifact store, passed explicitly, and keep Prefect's cache records beside it, so a
+stage built on the GPU pool shows as Cached in the next nightly run.
 """
 
 from __future__ import annotations
@@ -15,14 +21,30 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import CachePolicy
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.filesystems import RemoteFileSystem
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Failed, State
+from prefect.tasks import Task, exponential_backoff
 
 from data_specs.spec import RunSpec
-from tasks.errors import InputError
-from tasks.runner import PlannedStage, StageResult, execute, prepare_run
+from tasks.errors import InputError, StageError, TransientError
+from tasks.registry import GPU_STAGES, gpu_count
+from tasks.runner import PlannedStage, RunPlan, StageResult, execute, prepare_run
 from tasks.store import ArtifactStore
+
+# A stage failing with TransientError (remote store I/O, an API that kept failing) is retried
+# twice, after 30 s and 60 s: long enough for a throttled bucket or API to recover, short
+# next to a training stage. Anything else fails at once: retrying bad input or a bug only
+# repeats the failure.
+RETRIES = 2
+RETRY_BACKOFF_S = 30.0
+# How often the pipeline asks the server whether a GPU stage's flow run has finished (s).
+DEPLOYMENT_POLL_S = 2.0
 
 
 @dataclass
@@ -34,6 +56,12 @@ class StoreCachePolicy(CachePolicy):
         item: PlannedStage = inputs["item"]
         store = hashlib.sha256(inputs["store_url"].encode()).hexdigest()[:12]
         return f"gristmill-{item.name}-{item.fingerprint}-{store}"
+
+
+def store_url(store: ArtifactStore) -> str:
+    """The store as every worker must name it: a local folder as its absolute path, so the
+    cache key (which hashes this string) is the same whichever process built the stage."""
+    return store.root if store.is_local else store.url
 
 
 def result_storage(store: ArtifactStore) -> Path | str:
@@ -48,7 +76,24 @@ def result_storage(store: ArtifactStore) -> Path | str:
     return f"remote-file-system/{name}"
 
 
-@task(cache_policy=StoreCachePolicy(), persist_result=True, task_run_name="{item.name}")
+def is_transient(exc: BaseException | None) -> bool:
+    """True when a TransientError is the failure or its cause (the runner wraps a stage's
+    own exceptions in StageError, keeping the original as `__cause__`)."""
+    while exc is not None:
+        if isinstance(exc, TransientError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect's retry condition for a stage: retry only transient failures."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+@task(cache_policy=StoreCachePolicy(), persist_result=True, task_run_name="{item.name}",
+      retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
+      retry_condition_fn=retry_transient)
 def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False) -> StageResult:
     """Builds one stage's artifact unless the store has it (tasks/runner.py does the work)."""
     try:
@@ -58,29 +103,98 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
         return Failed(message=str(e), data=e)
 
 
+def run_here(item: PlannedStage, run: RunPlan, storage: Path | str) -> StageResult | State:
+    """Runs one planned stage as a task of this flow; a failed state for bad input."""
+    rebuild = item.name in run.forced
+    stage_task = run_stage.with_options(
+        result_storage=storage,
+        # Not in the store (or forced): run it, and record the fresh result under the key.
+        refresh_cache=rebuild or not item.cached,
+    )
+    state = stage_task(item, run.spec, store_url(run.store), force=rebuild, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, InputError):
+        return state  # the flow run fails with the message; the CLI exits with code 2
+    if isinstance(result, BaseException):
+        raise result  # a crashed stage: its traceback belongs in the log
+    if state.name == "Cached":
+        # Prefect handed back the result it persisted when the stage was built.
+        result = replace(result, state="cached")
+    return result
+
+
+def check_deployment(name: str) -> None:
+    """Bad input unless the Prefect API this run talks to has the deployment `name`."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except (ObjectNotFound, ValueError) as e:
+        api = PREFECT_API_URL.value() or "none set: this run uses a temporary local server"
+        raise InputError(f"--gpu-deployment {name}: no such deployment (flow/deployment) on the Prefect API "
+                         f"({api}); set PREFECT_API_URL to the team's server and run `prefect deploy --all` "
+                         f"(README: Running nightly for a team)") from e
+
+
+def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: str,
+                      override: str | None) -> StageResult:
+    """Runs one stage as a flow run of the one-stage deployment `name` and waits for it; its
+    failure fails this run with its message. The artifact is then read from the shared store."""
+    child = run_deployment(
+        name,
+        parameters={"spec_path": spec_path, "stage": item.name, "store": store_url(run.store),
+                    "force": item.name in run.forced, "override": override, "fingerprint": item.fingerprint},
+        job_variables={"gpu_count": gpu_count(run.spec, item.name)},
+        flow_run_name=f"{run.spec.name}-{item.name}", timeout=None, poll_interval=DEPLOYMENT_POLL_S,
+    )
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "no state"
+        message = child.state.message if child.state else ""
+        raise StageError(f"stage {item.name!r} failed in flow run {child.name!r} of {name} ({state}): {message}")
+    record = run.store.load(item.name, item.fingerprint)
+    if record is None:
+        raise StageError(f"stage {item.name!r}: flow run {child.name!r} of {name} completed, but artifact "
+                         f"{item.fingerprint} is not in {run.store.url}: the GPU worker must use the same store")
+    return StageResult(item.name, item.fingerprint, "built", item.path, record)
+
+
 @flow(name="gristmill-pipeline")
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
                        only: str | None = None, force: list[str] | None = None,
-                       override: str | None = None) -> list[StageResult] | State:
-    """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store."""
+                       override: str | None = None, gpu_deployment: str | None = None) -> list[StageResult] | State:
+    """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store;
+    with `gpu_deployment`, GPU stages to build run as flow runs of that deployment."""
     run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override)
     storage = result_storage(run.store)
+    # A cached stage needs no GPU: it is looked up here, like any other.
+    remote = {i.name for i in run.stages if gpu_deployment and i.name in GPU_STAGES and not i.cached}
+    if remote:
+        try:
+            check_deployment(gpu_deployment)
+        except InputError as e:
+            return Failed(message=str(e), data=e)  # before any stage runs; the CLI exits with code 2
     results = []
     for item in run.stages:
-        rebuild = item.name in run.forced
-        stage_task = run_stage.with_options(
-            result_storage=storage,
-            # Not in the store (or forced): run it, and record the fresh result under the key.
-            refresh_cache=rebuild or not item.cached,
-        )
-        state = stage_task(item, run.spec, run.store.url, force=rebuild, return_state=True)
-        result = state.result(raise_on_failure=False)
-        if isinstance(result, InputError):
-            return state  # the flow run fails with the message; the CLI exits with code 2
-        if isinstance(result, BaseException):
-            raise result  # a crashed stage: its traceback belongs in the log
-        if state.name == "Cached":
-            # Prefect handed back the result it persisted when the stage was built.
-            result = replace(result, state="cached")
+        if item.name in remote:
+            results.append(run_on_deployment(gpu_deployment, item, run, spec_path, override))
+            continue
+        result = run_here(item, run, storage)
+        if isinstance(result, State):
+            return result
         results.append(result)
     return results
+
+
+@flow(name="gristmill-stage")
+def gristmill_stage(spec_path: str, stage: str, store: str, force: bool = False, override: str | None = None,
+                    fingerprint: str | None = None) -> StageResult | State:
+    """Runs one stage of a spec on the cached artifacts of its upstream stages in `store`.
+
+    `fingerprint` is the one the calling pipeline planned: a worker whose code, libraries or
+    spec differ would build another artifact than the pipeline waits for, so it refuses."""
+    run = prepare_run(spec_path, store, only=stage, force=[stage] if force else [], override=override)
+    item = run.stages[0]
+    if fingerprint and item.fingerprint != fingerprint:
+        raise StageError(f"stage {stage!r} has fingerprint {item.fingerprint} on this worker, but the pipeline "
+                         f"planned {fingerprint}: this worker's code, libraries or spec files differ from the "
+                         f"pipeline's (deploy the same commit and environment to every work pool)")
+    return run_here(item, run, result_storage(run.store))

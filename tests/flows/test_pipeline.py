@@ -1,11 +1,17 @@
-"""Prefect sees the store's cache: a rerun's task runs are in state Cached."""
+"""The flows under a Prefect test server: a rerun's task runs are Cached, transient failures are
+retried (and nothing else), the one-stage flow, and deployment mode's checks before it needs a
+server with workers (tests/flows/test_server.py runs it on one)."""
+
+import shutil
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import gristmill_pipeline
+from flows.pipeline import gristmill_pipeline, gristmill_stage
+from tasks.errors import InputError, StageError, TransientError
+from tasks.registry import GPU_STAGES, stage_names
 from tasks.runner import plan
 from tests.conftest import SpecFactory
 
@@ -45,11 +51,109 @@ def test_rerun_shows_cached_task_runs(harness, project):
 
 
 def test_deleted_artifact_is_rebuilt_even_if_prefect_remembers_it(harness, project):
-    import shutil
-
     run(project)
     for row in plan(project.load(), project.store):
         if row.name == "dedup":
             shutil.rmtree(row.path)
     _, results = run(project)
     assert [r.state for r in results] == ["cached", "built"]
+
+
+# ---------------------------------------------------------------- retries
+
+def attempts_of(monkeypatch, failure: BaseException) -> list[str]:
+    """Makes the first build of every stage raise `failure`, with no delay between retries;
+    returns the list the fake appends each stage name to, once per attempt."""
+    import flows.pipeline as pipeline
+
+    calls: list[str] = []
+    real_execute = pipeline.execute
+
+    def flaky_execute(item, *args, **kwargs):
+        calls.append(item.name)
+        if calls.count(item.name) == 1:
+            raise failure
+        return real_execute(item, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "execute", flaky_execute)
+    monkeypatch.setattr(pipeline, "run_stage", pipeline.run_stage.with_options(retry_delay_seconds=0))
+    return calls
+
+
+def wrapped_transient() -> StageError:
+    """What the runner raises when a stage's build raises TransientError."""
+    try:
+        raise TransientError("s3: SlowDown")
+    except TransientError as e:
+        try:
+            raise StageError("stage 'ingest' failed: TransientError: s3: SlowDown") from e
+        except StageError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize("failure", [TransientError("s3: SlowDown"), wrapped_transient()], ids=["direct", "as-cause"])
+def test_transient_failure_is_retried(harness, project, monkeypatch, failure):
+    calls = attempts_of(monkeypatch, failure)
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="ingest", return_state=True)
+    assert [r.state for r in state.result()] == ["built"]
+    assert calls == ["ingest", "ingest"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [(r.name, r.state.name, r.run_count) for r in runs] == [("ingest", "Completed", 2)]
+
+
+@pytest.mark.parametrize("failure", [StageError("stage 'ingest' failed: ValueError: bug"),
+                                     InputError("spec.yaml: corpus.sources: no files")], ids=["stage-error", "input-error"])
+def test_other_failures_are_not_retried(harness, project, monkeypatch, failure):
+    calls = attempts_of(monkeypatch, failure)
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="ingest", return_state=True)
+    assert state.is_failed()
+    assert calls == ["ingest"]
+    with pytest.raises(type(failure), match=str(failure).split(":")[0]):
+        state.result()
+
+
+def test_retry_policy_is_exponential():
+    import flows.pipeline as pipeline
+
+    assert pipeline.run_stage.retries == pipeline.RETRIES == 2
+    assert pipeline.run_stage.retry_delay_seconds == [pipeline.RETRY_BACKOFF_S, 2 * pipeline.RETRY_BACKOFF_S]
+
+
+# ---------------------------------------------------------------- the one-stage flow, deployment mode
+
+def test_stage_flow_runs_exactly_one_stage(harness, project):
+    run(project)  # ingest and dedup built
+    shutil.rmtree(next(p for p in plan(project.load(), project.store) if p.name == "dedup").path)
+    result = gristmill_stage(str(project.write()), "dedup", project.store.url)
+    assert (result.name, result.state) == ("dedup", "built")
+    assert [p.name for p in plan(project.load(), project.store) if p.cached] == ["ingest", "dedup"]
+
+
+def test_stage_flow_refuses_a_fingerprint_it_would_not_build(harness, project):
+    run(project)
+    state = gristmill_stage(str(project.write()), "dedup", project.store.url, fingerprint="0" * 16, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageError, match="has fingerprint .* but the pipeline planned 0000000000000000"):
+        state.result()
+
+
+def test_gpu_deployment_that_does_not_exist_is_bad_input_before_any_stage(harness, project):
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="pretrain",
+                               gpu_deployment="gristmill-stage/nowhere", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InputError, match="gristmill-stage/nowhere: no such deployment"):
+        state.result()
+    assert not any(p.cached for p in plan(project.load(), project.store))
+
+
+def test_gpu_deployment_is_not_needed_when_no_gpu_stage_runs(harness, project):
+    # No GPU stage up to dedup: the run must not need (or look up) the deployment.
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="dedup",
+                               gpu_deployment="gristmill-stage/nowhere", return_state=True)
+    assert [r.state for r in state.result()] == ["built", "built"]
+
+
+def test_gpu_stages_are_registered_stages():
+    assert GPU_STAGES <= set(stage_names())
+    assert {"pretrain", "midtrain", "sft", "dpo", "eval"} == GPU_STAGES

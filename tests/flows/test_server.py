@@ -1,0 +1,323 @@
+"""The team setup on a real Prefect server: pools, `prefect deploy` from prefect.yaml, workers, the
+nightly deployment running the GPU stages as flow runs of the stage deployment on the GPU pool,
+one shared store, and a rerun that finds every stage Cached. Plus the Kubernetes GPU template.
+
+The server test starts everything it uses (server, workers) as subprocesses with their own
+PREFECT_HOME and stops them, even when it fails. The workers run flows from a snapshot of this
+checkout (their GRISTMILL_HOME), as each machine of a team runs its own checkout; it also keeps
+edits made to this tree during the test out of the stages' fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+TEMPLATE = REPO / "deploy" / "k8s-gpu-base-job-template.json"
+NIGHTLY, STAGE_DEPLOYMENT = "gristmill-pipeline/nightly", "gristmill-stage/gpu"
+STAGES = ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo", "index", "eval"]
+GPU = {"pretrain", "midtrain", "sft", "dpo", "eval"}
+RUN_TIMEOUT_S = 780  # tiny.yaml takes ~35 s in-process on an idle 2-core machine; the rest is headroom
+
+
+# ---------------------------------------------------------------- the Kubernetes GPU template
+
+def test_k8s_gpu_template_is_a_base_job_template_with_gpu_limits():
+    from prefect.utilities.templating import apply_values, find_placeholders
+
+    template = json.loads(TEMPLATE.read_text())
+    assert set(template) == {"job_configuration", "variables"}
+    variables = template["variables"]["properties"]
+    # Every placeholder names a declared variable (a typo would render as nothing).
+    used = {p.name for p in find_placeholders(template["job_configuration"])}
+    assert used <= set(variables), used - set(variables)
+    # prefect-kubernetes' default variables are all still there, with the GPU ones added.
+    assert {"name", "env", "labels", "command", "namespace", "image", "service_account_name", "image_pull_policy",
+            "finished_job_ttl", "job_watch_timeout_seconds", "pod_watch_timeout_seconds", "stream_output",
+            "cluster_config", "gpu_count"} <= set(variables)
+    assert variables["gpu_count"]["type"] == "integer" and variables["gpu_count"]["default"] == 1
+
+    defaults = {k: v["default"] for k, v in variables.items() if "default" in v}
+    job = apply_values(template["job_configuration"], {**defaults, "gpu_count": 4})
+    pod = job["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "prefect-job" and pod["restartPolicy"] == "Never"  # what the worker requires
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert job["env"]["GRISTMILL_HOME"]  # the pull step of prefect.yaml needs it
+
+
+def test_k8s_gpu_template_passes_prefects_work_pool_validation():
+    from prefect.server.schemas.actions import WorkPoolCreate  # what the server checks a new pool with
+
+    template = json.loads(TEMPLATE.read_text())
+    WorkPoolCreate(name="gpu", type="kubernetes", base_job_template=template)
+    del template["variables"]["properties"]["gpu_count"]
+    with pytest.raises(ValueError, match="gpu_count"):
+        WorkPoolCreate(name="gpu", type="kubernetes", base_job_template=template)
+
+
+def test_k8s_gpu_template_variables_are_valid_json_schema():
+    import jsonschema
+
+    schema = json.loads(TEMPLATE.read_text())["variables"]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"gpu_count": 8})
+    assert not validator.is_valid({"gpu_count": "eight"})
+    assert not validator.is_valid({"gpu_count": -1})
+
+
+# ---------------------------------------------------------------- a real server, pools, workers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot_checkout(dest: Path) -> Path:
+    """The files of this checkout (tracked and untracked, not ignored) copied to `dest`."""
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True).stdout.split(b"\0")
+    for rel in filter(None, files):
+        src = REPO / os.fsdecode(rel)
+        if src.is_file():
+            target = dest / os.fsdecode(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(src.read_bytes())
+    return dest
+
+
+@dataclass
+class Team:
+    """The processes of a team's setup, each with its log file."""
+
+    root: Path
+    env: dict[str, str]
+    api: str
+    checkout: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> None:
+        log = (self.root / f"{name}.log").open("wb")
+        # Its own session, so stopping it also stops the flow-run processes a worker started.
+        self.procs[name] = subprocess.Popen(list(args), cwd=self.checkout, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def prefect(self, *commands: list[str]) -> None:
+        """Runs `prefect` commands side by side (each is a few seconds of imports) and checks them."""
+        procs = [subprocess.Popen([PREFECT, *args], cwd=self.checkout, env=self.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for args in commands]
+        for args, proc in zip(commands, procs):
+            out, _ = proc.communicate(timeout=180)
+            assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{out[-3000:]}"
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs.values()):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_healthy(team: Team, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert team.procs["server"].poll() is None, team.logs()
+        try:
+            with urllib.request.urlopen(f"{team.api}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no healthy server after {timeout} s\n{team.logs()}")
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory) -> Iterator[Team]:
+    """A Prefect server, the CPU and GPU process pools, `prefect deploy --all`, and one worker per pool."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("team")
+    checkout = snapshot_checkout(root / "checkout")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GRISTMILL_HOME": str(checkout),
+           # Workers poll every second (default 10 s); no schedule is due during the test.
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t = Team(root, env, api, checkout)
+    try:
+        t.start("server", PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        wait_healthy(t)
+        t.prefect(["work-pool", "create", "gristmill-cpu", "--type", "process"],
+                  ["work-pool", "create", "gristmill-gpu", "--type", "process"])
+        t.start("worker-cpu", PREFECT, "worker", "start", "--pool", "gristmill-cpu")
+        t.start("worker-gpu", PREFECT, "worker", "start", "--pool", "gristmill-gpu")
+        t.prefect(["--no-prompt", "deploy", "--all"])
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield t
+    finally:
+        t.stop()
+
+
+def wait_final(flow_run_ids: list, team: Team, timeout: float = RUN_TIMEOUT_S) -> list:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = [client.read_flow_run(i) for i in flow_run_ids]
+            if all(r.state and r.state.is_final() for r in runs):
+                return runs
+            time.sleep(1)
+    raise AssertionError(f"flow runs not finished after {timeout} s: {[r.state for r in runs]}\n{team.logs()}")
+
+
+def trigger_nightly(store: Path) -> Any:
+    from prefect.deployments import run_deployment
+
+    return run_deployment(NIGHTLY, parameters={"spec_path": "data_specs/tiny.yaml", "store": str(store),
+                                               "gpu_deployment": STAGE_DEPLOYMENT}, timeout=0)
+
+
+def task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def stage_flow_runs() -> list:
+    """Every flow run of the one-stage deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])))
+
+
+@dataclass
+class NightlyRun:
+    store: Path
+    flow_run: Any
+    twin: Any  # started at the same time: the concurrency limit must cancel it
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def nightly(team, tmp_path_factory) -> NightlyRun:
+    """Two nightly runs of tiny.yaml triggered together on a fresh store, both waited for."""
+    store = tmp_path_factory.mktemp("shared") / "store"
+    start = time.monotonic()
+    runs = wait_final([trigger_nightly(store).id, trigger_nightly(store).id], team)
+    done = sorted(runs, key=lambda r: r.state.is_cancelled())
+    return NightlyRun(store, done[0], done[1], time.monotonic() - start)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_nightly_runs_gpu_stages_on_the_gpu_pool(team, nightly):
+    assert nightly.flow_run.state.is_completed(), f"{nightly.flow_run.state}\n{team.logs()}"
+    print(f"\nnightly run of tiny.yaml through the pools: {nightly.seconds:.0f} s")
+    for stage in STAGES:
+        assert list((nightly.store / stage).glob("*/artifact.json")), f"no {stage} artifact"
+
+    # The data stages ran in the pipeline's own flow run; each GPU stage as a child flow run of
+    # the stage deployment, on the GPU pool, linked to a task run of the pipeline's flow run.
+    own = task_runs(nightly.flow_run.id)
+    assert {r.name for r in own if r.state.name == "Completed"} >= set(STAGES) - GPU
+    children = stage_flow_runs()
+    assert sorted(c.parameters["stage"] for c in children) == sorted(GPU)
+    assert {c.work_pool_name for c in children} == {"gristmill-gpu"}
+    assert all(c.state.is_completed() for c in children)
+    assert {c.parent_task_run_id for c in children} <= {r.id for r in own}
+    assert all(c.parameters["store"] == str(nightly.store) for c in children)
+
+    # The eval stage's report reached the Prefect API as a markdown artifact of the eval flow run.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gristmill-report-tiny"])))
+    (report,) = nightly.store.glob("eval/*/report.md")
+    assert artifact.type == "markdown" and artifact.data == report.read_text()
+    assert artifact.flow_run_id == next(c.id for c in children if c.parameters["stage"] == "eval")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_nightly_runs_never_overlap(team, nightly):
+    assert nightly.twin.state.is_cancelled(), nightly.twin.state
+    assert "concurrency limit" in (nightly.twin.state.message or "")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_rerun_finds_every_stage_cached_without_the_gpu_pool(team, nightly):
+    before = len(stage_flow_runs())
+    (rerun,) = wait_final([trigger_nightly(nightly.store).id], team)
+    assert rerun.state.is_completed(), f"{rerun.state}\n{team.logs()}"
+    # GPU stages built by the other worker's flow runs are Cached here too: their cache records
+    # are in the shared store, and a cached GPU stage needs no flow run on the GPU pool.
+    assert {r.name: r.state.name for r in task_runs(rerun.id)} == {s: "Cached" for s in STAGES}
+    assert len(stage_flow_runs()) == before
+
+
+@pytest.mark.slow
+def test_deployments_carry_the_schedule_pools_and_limits(team):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name(NIGHTLY)
+        stage = client.read_deployment_by_name(STAGE_DEPLOYMENT)
+    assert nightly.work_pool_name == "gristmill-cpu" and stage.work_pool_name == "gristmill-gpu"
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert nightly.parameters["gpu_deployment"] == STAGE_DEPLOYMENT
+    assert stage.job_variables == {"gpu_count": 1}
+
+
+@pytest.mark.slow
+def test_server_accepts_the_k8s_gpu_pool_and_checks_gpu_count(team):
+    """The server validates the template, and deployments' gpu_count against its schema
+    (the Kubernetes worker itself needs a cluster, which this test does not have)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with get_client(sync_client=True) as client:
+        pool = client.create_work_pool(WorkPoolCreate(name="gristmill-gpu-k8s", type="kubernetes",
+                                                      base_job_template=json.loads(TEMPLATE.read_text())))
+        assert pool.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
+        flow_id = client.read_flow_by_name("gristmill-stage").id
+        with pytest.raises(PrefectHTTPStatusError, match="422"):
+            client.create_deployment(flow_id=flow_id, name="k8s-bad", work_pool_name=pool.name,
+                                     entrypoint="flows/pipeline.py:gristmill_stage", job_variables={"gpu_count": "two"})
+        client.create_deployment(flow_id=flow_id, name="k8s", work_pool_name=pool.name,
+                                 entrypoint="flows/pipeline.py:gristmill_stage", job_variables={"gpu_count": 2})
