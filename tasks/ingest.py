@@ -27,7 +27,7 @@ from tasks.engine import run_pipeline, step_counts
 from tasks.errors import InputError
 from tasks.fingerprint import file_digest
 from tasks.python_docs import corpus_version, write_python_docs
-from tasks.readers import SourceFile, SourceReader, source_files
+from tasks.readers import SourceFile, SourceReader, record_byte_limit, refusal, source_files
 from tasks.stage import Inputs, Metrics, Stage
 from tasks.store import link_tree
 
@@ -107,18 +107,21 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
         if src.kind == "python_docs":
             digests[f"{i}:python_docs"] = corpus_version()
         for f in files:
-            real = f.path.resolve()
-            if f.path.is_symlink() and (not real.is_file() or not real.is_relative_to(f.root.resolve())):
-                # Rejected when read; only the link itself is an input.
-                digests[f.name] = "symlink:" + os.readlink(f.path)
-            else:
-                digests[f.name] = file_digest(real)
+            why = refusal(f)
+            if why:  # rejected when read, never opened: only the link itself is an input
+                digests[f.name] = f"refused:{why}:" + (os.readlink(f.path) if f.path.is_symlink() else "")
+                continue
+            try:
+                digests[f.name] = file_digest(f.path)
+            except OSError as e:  # rejected when read as unreadable_file; a fixed file changes the key
+                digests[f.name] = f"unreadable:{e.errno}"
     return digests
 
 
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Reads every source through datatrove and writes the kept documents and the rejects."""
     sources = _source_inputs(spec)
+    limit = record_byte_limit(spec.corpus.filters.max_chars)
     readers = []
     for i, src, files in sources:
         if src.kind == "python_docs":
@@ -127,7 +130,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
                 write_python_docs(generated)
             files = [SourceFile(generated, f"{i}:python_docs", work)]
             src = JsonlSource(kind="jsonl", path=str(generated), text_field="text", id_field="id")
-        readers.append(SourceReader(src, files, i))
+        readers.append(SourceReader(src, files, i, limit))
     pipeline = [*readers, Normalize(), IngestFilter(spec.corpus.filters, work / "rejects"),
                 JsonlWriter(str(work / "documents"), output_filename="${rank}.jsonl.gz")]
     stats = run_pipeline(pipeline, "ingest", work, spec.executor)

@@ -48,7 +48,10 @@ def content_digest(spec: RunSpec, field: str, value: str | None, kind: str = "fo
     if not ok:
         raise InputError(f"{spec.spec_path}: {field}: {path} is not a {kind}" if kind == "folder"
                          else f"{spec.spec_path}: {field}: {path} not found")
-    return {field: tree_digest(path) if kind == "folder" else file_digest(path)}
+    try:
+        return {field: tree_digest(path) if kind == "folder" else file_digest(path)}
+    except OSError as e:  # a file in it we may not read, or one removed while it is hashed
+        raise InputError(f"{spec.spec_path}: {field}: cannot read {e.filename or path} ({e.strerror or e})") from None
 
 
 def no_external_inputs(spec: RunSpec) -> dict[str, str]:
