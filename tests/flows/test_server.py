@@ -321,3 +321,30 @@ def test_server_accepts_the_k8s_gpu_pool_and_checks_gpu_count(team):
                                      entrypoint="flows/pipeline.py:gristmill_stage", job_variables={"gpu_count": "two"})
         client.create_deployment(flow_id=flow_id, name="k8s", work_pool_name=pool.name,
                                  entrypoint="flows/pipeline.py:gristmill_stage", job_variables={"gpu_count": 2})
+
+
+def gristmill_cli(team: Team, *args: str) -> subprocess.CompletedProcess:
+    """The CLI from the workers' checkout (same code, so the same fingerprints), on the team's server."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=team.checkout, env=team.env,
+                          capture_output=True, text=True, timeout=540)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_reruns_one_gpu_stage_through_the_stage_deployment(team, nightly):
+    before = {c.id for c in stage_flow_runs()}
+    proc = gristmill_cli(team, "run", "data_specs/tiny.yaml", "--store", str(nightly.store), "--only", "dpo",
+                         "--force", "dpo", "--gpu-deployment", STAGE_DEPLOYMENT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dpo  built" in proc.stdout, proc.stdout
+    (new,) = [c for c in stage_flow_runs() if c.id not in before]
+    assert (new.parameters["stage"], new.parameters["force"], new.state.name) == ("dpo", True, "Completed")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_with_an_unknown_gpu_deployment_exits_2_before_running(team, nightly):
+    proc = gristmill_cli(team, "run", "data_specs/tiny.yaml", "--store", str(nightly.store), "--only", "sft",
+                         "--force", "sft", "--gpu-deployment", "gristmill-stage/nowhere")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "gristmill-stage/nowhere: no such deployment" in proc.stderr
