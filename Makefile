@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/qa_rules.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/rag_eval.py
+	$(BIN)/python bench/overhead.py
 
 clean:
 	rm -rf .gristmill

@@ -9,9 +9,10 @@ Metrics: val_loss_initial, val_loss_final, val_perplexity_final, tokens_seen, to
 Alone:   gristmill run SPEC --only pretrain
 
 Documents are split by document into train/validation, tokenized, and packed into blocks
-of `context` tokens with EOS between documents. A killed run resumes from the checkpoint
-in the stage's work folder. With `resources.pretrain.gpus > 1` the loop runs in that many
-torchrun processes (DDP, tasks/distributed.py).
+of `context` tokens with EOS between documents. A killed run, or one stopped by its time
+limit (`resources.pretrain.time_limit`), resumes from the checkpoint in the stage's work
+folder. With `resources.pretrain.gpus > 1` the loop runs in that many torchrun processes
+(DDP or FSDP, tasks/distributed.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,139 @@
+"""Benchmark: what Prefect costs. The whole pipeline through `gristmill run` (the CLI: it plans,
+then runs the `gristmill_pipeline` flow in Prefect's ephemeral mode, one task per stage) vs the
+same stage functions called directly (tasks.runner.prepare_run, then execute for each stage in
+order: no Prefect), each into a fresh store; then fully cached reruns of both.
+
+Every run is a fresh process, so both variants pay the same interpreter start and imports
+(a user's run pays them too). The variants alternate (direct, prefect, prefect, direct, ...)
+so slow phases of a shared machine hit both, and the best time of each counts. Prefect's
+database lives in a temporary PREFECT_HOME created before the first timed run (as on a
+machine that has run gristmill before). Both variants must build the same artifacts (same
+stages and fingerprints); the benchmark checks it. The code run is a snapshot of the
+committed tree (git HEAD), since a fingerprint covers the code: an edit made while the
+benchmark runs would otherwise rebuild stages of a "cached" rerun; --worktree runs the
+working tree as it is.
+
+    python bench/overhead.py [--spec data_specs/tiny.yaml] [--repeats 2] [--worktree]
+
+The last line printed is `ratio=X.XX`: Prefect's best wall time over the direct one (1.00 is
+no overhead; the goal is <= 1.05 on data_specs/python_docs.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# As the CLI sets them (flows/cli.py), for both variants alike.
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+WARM_PREFECT = "from prefect import flow\n@flow\ndef warm():\n    pass\nwarm()\n"
+# The direct variant: the stage functions in pipeline order, no Prefect (argv: spec, store).
+DIRECT = ("import sys\nfrom tasks.runner import execute, prepare_run\n"
+          "run = prepare_run(sys.argv[1], sys.argv[2])\n"
+          "for item in run.stages:\n    execute(item, run.spec, run.store)\n")
+
+
+def command(variant: str, spec: str, store: Path) -> list[str]:
+    """The process one timed run starts (in the code folder: `-m` and `-c` import from there)."""
+    if variant == "prefect":
+        return [sys.executable, "-m", "flows.cli", "run", spec, "--store", str(store)]
+    return [sys.executable, "-c", DIRECT, spec, str(store)]
+
+
+def snapshot(folder: Path) -> tuple[Path, str]:
+    """The committed tree (git HEAD) extracted into `folder`; returns it and the commit."""
+    import tarfile
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    tar = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(folder, filter="data")
+    return folder, commit
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
+    """Wall seconds of one process (its output goes to `log`); a failed run stops the benchmark."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} exited with {proc.returncode}; see {log}")
+    return seconds
+
+
+def artifacts(store: Path) -> dict[str, tuple[str, float]]:
+    """stage -> (fingerprint, build seconds) of every artifact in a store."""
+    out = {}
+    for record in store.glob("*/*/artifact.json"):
+        data = json.loads(record.read_text())
+        out[data["stage"]] = (data["fingerprint"], data["wall_s"])
+    return out
+
+
+def order(repeats: int) -> list[str]:
+    """direct, prefect, prefect, direct, ...: each variant goes first as often as the other."""
+    pairs = [("direct", "prefect") if i % 2 == 0 else ("prefect", "direct") for i in range(repeats)]
+    return [variant for pair in pairs for variant in pair]
+
+
+def measure(spec: str, repeats: int, code: Path, root: Path, env: dict[str, str]) -> dict[str, list[float]]:
+    """Times fresh and fully cached runs of both variants; prints each as it goes."""
+    times: dict[str, list[float]] = {"direct": [], "prefect": [], "direct cached": [], "prefect cached": []}
+    built: dict[str, dict[str, tuple[str, float]]] = {}
+    for i, variant in enumerate(order(repeats)):
+        store = root / f"store-{i}-{variant}"
+        seconds = timed(command(variant, spec, store), code, env, root / f"run-{i}-{variant}.log")
+        stages = artifacts(store)
+        times[variant].append(seconds)
+        built[f"{i}-{variant}"] = stages
+        print(f"  run {i + 1} {variant:7}: {seconds:6.1f} s ({len(stages)} stages built, "
+              f"{sum(w for _, w in stages.values()):.1f} s inside the stages)", flush=True)
+        cached = timed(command(variant, spec, store), code, env, root / f"run-{i}-{variant}-cached.log")
+        times[f"{variant} cached"].append(cached)
+        print(f"  run {i + 1} {variant:7} rerun, all cached: {cached:5.1f} s", flush=True)
+        if artifacts(store) != stages:
+            sys.exit(f"the cached rerun of {variant} built something; see {root}")
+    fingerprints = {name: {s: fp for s, (fp, _) in stages.items()} for name, stages in built.items()}
+    if len({json.dumps(f, sort_keys=True) for f in fingerprints.values()}) != 1:
+        sys.exit(f"the runs built different artifacts: {json.dumps(fingerprints, indent=1)}")
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default="data_specs/tiny.yaml", help="run spec (the demo: data_specs/python_docs.yaml, "
+                        "about 11 minutes per run on 2 cores)")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh runs of each variant (alternating); best counts")
+    parser.add_argument("--worktree", action="store_true", help="run the working tree as it is, not a snapshot of HEAD")
+    args = parser.parse_args()
+
+    # Kept when a run fails (its logs say why); removed after a complete benchmark.
+    root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    code, commit = (REPO, "working tree") if args.worktree else snapshot(root / "code")
+    env = {**os.environ, **ENV, "PREFECT_HOME": str(root / "prefect-home")}
+    timed([sys.executable, "-c", WARM_PREFECT], code, env, root / "warm.log")  # creates Prefect's database
+    print(f"spec: {args.spec} (code: {commit}); {args.repeats} fresh runs of each variant, order "
+          f"{' '.join(order(args.repeats))}; each followed by a fully cached rerun", flush=True)
+    times = measure(args.spec, args.repeats, code, root, env)
+    shutil.rmtree(root)
+
+    print(f"{'variant':15} {'best s':>7} {'mean s':>7}")
+    for name, values in times.items():
+        print(f"{name:15} {min(values):7.1f} {sum(values) / len(values):7.1f}")
+    print(f"ratio={min(times['prefect']) / min(times['direct']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
