@@ -157,3 +157,37 @@ def test_gpu_deployment_is_not_needed_when_no_gpu_stage_runs(harness, project):
 def test_gpu_stages_are_registered_stages():
     assert GPU_STAGES <= set(stage_names())
     assert {"pretrain", "midtrain", "sft", "dpo", "eval"} == GPU_STAGES
+
+
+# ---------------------------------------------------------------- Prefect's records on a remote store
+
+@pytest.fixture
+def s3_store(monkeypatch, tmp_path):
+    """An empty bucket on a local S3 server (moto), reached through the real s3fs/botocore stack."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "HOME": str(tmp_path / "home")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="gristmill-prefect")
+    yield "s3://gristmill-prefect/team"
+    server.stop()
+
+
+def test_cache_records_of_a_remote_store_live_in_it(harness, project, s3_store):
+    # What lets a stage built by another worker show as Cached: the record is in the store.
+    import fsspec
+
+    first = gristmill_pipeline(str(project.write()), s3_store, until="ingest", return_state=True)
+    assert [r.state for r in first.result()] == ["built"]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    (fp,) = [r.fingerprint for r in first.result()]
+    assert [p for p in fs.ls("gristmill-prefect/team/.prefect") if f"gristmill-ingest-{fp}-" in p]
+    second = gristmill_pipeline(str(project.write()), s3_store, until="ingest", return_state=True)
+    assert [r.state for r in second.result()] == ["cached"]
+    assert task_states(second.state_details.flow_run_id) == {"ingest": "Cached"}
