@@ -33,6 +33,7 @@ from tasks.fingerprint import sha256_file
 RECORD = "artifact.json"
 WORK = ".work"  # per-fingerprint scratch kept across attempts (checkpoints, datatrove logs)
 LOCKS = ".locks"
+DAMAGED = ".damaged"  # damaged artifacts moved aside on detection, kept for inspection
 
 
 class ArtifactRecord(BaseModel):
@@ -120,14 +121,24 @@ class ArtifactStore:
 
     def load(self, stage: str, fingerprint: str) -> ArtifactRecord | None:
         """The record of a finished artifact, or None when there is none (or only a partial one)."""
+        return self.read(stage, fingerprint)[0]
+
+    def read(self, stage: str, fingerprint: str) -> tuple[ArtifactRecord | None, str]:
+        """(record, "") for a finished artifact; (None, "") when there is none, or only the
+        partial folder of a killed build; (None, why) when a record is there but unusable."""
         path = f"{self.root}/{stage}/{fingerprint}/{RECORD}"
         try:
             with self.fs.open(path, "r", encoding="utf-8") as f:
-                return ArtifactRecord.model_validate(json.load(f))
+                record = ArtifactRecord.model_validate(json.load(f))
         except FileNotFoundError:
-            return None
-        except (ValueError, OSError):
-            return None  # a torn or foreign record is not a finished artifact
+            return None, ""
+        except (ValueError, OSError) as e:  # torn or edited JSON, not a record, unreadable bytes
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            return None, f"{RECORD} unreadable ({type(e).__name__}: {first})"
+        if (record.stage, record.fingerprint) != (stage, fingerprint):
+            # A record copied from another folder describes another artifact, not this one.
+            return None, f"{RECORD} is the record of {record.stage}/{record.fingerprint}"
+        return record, ""
 
     def history(self, stage: str) -> list[ArtifactRecord]:
         """Every finished artifact of a stage, oldest first."""
@@ -229,9 +240,88 @@ class ArtifactStore:
         """
         for path in self._builds(stage).glob(f".tmp-{fingerprint}-*"):
             shutil.rmtree(path, ignore_errors=True)
+        for path in self._builds(stage).glob(f".trash-{fingerprint}-*"):  # a publish killed mid-replace
+            shutil.rmtree(path, ignore_errors=True)
         final = Path(self.root) / stage / fingerprint
         if self.is_local and final.exists() and not (final / RECORD).exists():
             shutil.rmtree(final, ignore_errors=True)
+
+    # ------------------------------------------------------------ integrity
+
+    def verify(self, record: ArtifactRecord, deep: bool = False) -> list[str]:
+        """What is wrong with a finished artifact's payload against its record's `files`: missing
+        files and sizes always (cheap), sha256 too when `deep` (reads every byte); [] if intact."""
+        stage, fp = record.stage, record.fingerprint
+        if self.is_local:
+            return check_files(Path(self.root) / stage / fp, record.files, deep)
+        if not deep:
+            base = f"{self.root}/{stage}/{fp}"
+            found = {p[len(base) + 1:]: info.get("size") for p, info in self.fs.find(base, detail=True).items()}
+            return check_sizes(found, record.files)
+        problems = check_files(self.materialize(stage, fp), record.files, deep=True)
+        if problems:  # the local download may be what is damaged: fetch it again before blaming the store
+            shutil.rmtree(self.local_root / "downloads" / stage / fp, ignore_errors=True)
+            problems = check_files(self.materialize(stage, fp), record.files, deep=True)
+        return problems
+
+    def quarantine(self, stage: str, fingerprint: str) -> str:
+        """Moves a damaged artifact to `<store>/.damaged/<stage>/<fingerprint>-<UTC time>/`, kept
+        for inspection (never deleted), and returns where. Call with the fingerprint's lock held."""
+        t = time.time()
+        name = f"{fingerprint}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(t))}.{int(t % 1 * 1e6):06d}Z"
+        shutil.rmtree(self.local_root / "downloads" / stage / fingerprint, ignore_errors=True)
+        if self.is_local:
+            dest = Path(self.root) / DAMAGED / stage / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(self.root) / stage / fingerprint, dest)  # one rename: never half moved
+            return str(dest)
+        src, dest = f"{self.root}/{stage}/{fingerprint}", f"{self.root}/{DAMAGED}/{stage}/{name}"
+        # Object stores move file by file: the record goes first, so the source stops counting as done.
+        paths = sorted(self.fs.find(src), key=lambda p: not p.endswith(f"/{RECORD}"))
+        for path in paths:
+            self.fs.mv(path, f"{dest}/{path[len(src) + 1:]}")
+        return f"{self.url}/{DAMAGED}/{stage}/{name}"
+
+    def check_writable(self) -> None:
+        """Raises OSError unless this machine can create files in the store's local folder (the
+        store itself when local; for a remote store, its local locks, scratch and downloads)."""
+        probe = self.local_root / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+
+
+def _safe_relpath(rel: str) -> bool:
+    """A record's file path stays inside its artifact folder (no absolute path, no `..`)."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def check_sizes(found: dict[str, Any], files: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems with a payload's sizes (`found`: relative path -> bytes) against a record's `files`."""
+    problems = []
+    for rel, want in files.items():
+        if not _safe_relpath(rel):
+            problems.append(f"{rel}: path outside the artifact")
+        elif rel not in found:
+            problems.append(f"{rel}: missing")
+        elif found[rel] != want.get("bytes"):
+            problems.append(f"{rel}: {found[rel]} bytes, artifact.json says {want.get('bytes')}")
+    return problems
+
+
+def check_files(root: Path, files: dict[str, dict[str, Any]], deep: bool) -> list[str]:
+    """Problems with the payload under a local folder against a record's `files` (sizes; with
+    `deep`, sha256 of the files whose size is right)."""
+    found = {rel: (root / rel).stat().st_size for rel in files
+             if _safe_relpath(rel) and (root / rel).is_file()}
+    problems = check_sizes(found, files)
+    if deep:
+        for rel, want in files.items():
+            if rel in found and found[rel] == want.get("bytes"):
+                digest = sha256_file(root / rel)
+                if digest != want.get("sha256"):
+                    problems.append(f"{rel}: sha256 {digest[:16]}…, artifact.json says {str(want.get('sha256'))[:16]}…")
+    return problems
 
 
 def link_tree(src: Path, dst: Path) -> None:

@@ -1,0 +1,130 @@
+"""What the fault tests share: one uninterrupted tiny.yaml run (the golden store), and checks of
+a store that do not trust the code under test (files are hashed here, with hashlib)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, TINY
+
+STAGES = ("ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo", "index", "eval")
+# Stages whose output depends only on their inputs: a rerun after a kill must give the same bytes.
+# datatrove's logs/ (timings, dates) are provenance, not output, and are left out.
+DETERMINISTIC = ("ingest", "dedup", "tokenizer", "qa", "index")
+TRAINING = ("pretrain", "midtrain", "sft", "dpo")
+
+
+@dataclass(frozen=True)
+class Golden:
+    """The store of one uninterrupted run, with what each stage's artifact.json says."""
+
+    store: Path
+    records: dict[str, dict[str, Any]]  # stage -> its artifact.json
+
+    def fingerprint(self, stage: str) -> str:
+        return self.records[stage]["fingerprint"]
+
+    def wall_s(self, stage: str) -> float:
+        return float(self.records[stage]["wall_s"])
+
+    def seed_store(self, store: Path, stages: set[str]) -> None:
+        """Copies the golden artifacts of `stages` into a fresh store."""
+        for stage in stages:
+            src = self.store / stage / self.fingerprint(stage)
+            shutil.copytree(src, store / stage / src.name)
+
+
+def needs(stage: str) -> set[str]:
+    """Every stage that `stage` reads, directly or not."""
+    from tasks.registry import get_stage
+
+    out: set[str] = set()
+    todo = list(get_stage(stage).needs)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(get_stage(name).needs)
+    return out
+
+
+def payload(record: dict[str, Any]) -> dict[str, str]:
+    """relative path -> sha256 of an artifact's output files (datatrove's logs left out)."""
+    return {rel: f["sha256"] for rel, f in record["files"].items() if not rel.startswith("logs/")}
+
+
+def finished(store: Path) -> dict[str, dict[str, Any]]:
+    """stage -> the artifact.json of its one finished artifact, after checking that every such
+    folder holds every file its record lists with the recorded size and sha256 (hashed here)."""
+    done: dict[str, dict[str, Any]] = {}
+    for stage_dir in sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in sorted(p for p in stage_dir.iterdir() if not p.name.startswith(".")):
+            if not (folder / "artifact.json").exists():
+                continue
+            record = json.loads((folder / "artifact.json").read_text())
+            assert (record["stage"], record["fingerprint"]) == (stage_dir.name, folder.name), folder
+            for rel, want in record["files"].items():
+                data = (folder / rel).read_bytes()
+                assert len(data) == want["bytes"], f"{folder / rel}: {len(data)} bytes, recorded {want['bytes']}"
+                assert hashlib.sha256(data).hexdigest() == want["sha256"], f"{folder / rel}: sha256 differs"
+            assert stage_dir.name not in done, f"two finished {stage_dir.name} artifacts in {store}"
+            done[stage_dir.name] = record
+    return done
+
+
+def leftovers(store: Path, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """Temp build folders, trash and scratch that a finished run should not leave behind."""
+    found = [str(p) for stage in stages for pattern in (".tmp-*", ".trash-*") for p in (store / stage).glob(pattern)]
+    found += [str(p) for stage in stages for p in (store / ".work" / stage).glob("*") if p.name != "_shared"]
+    return found
+
+
+def gristmill(*args: str, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (Prefect's progress lines kept quiet)."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}, check=False,
+                          **kwargs)
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory) -> Golden:
+    """tiny.yaml run once, uninterrupted, through tasks.runner (what the Prefect flow calls).
+
+    GRISTMILL_GOLDEN_STORE names a folder to keep it in across sessions (a soak run, or
+    iterating on these tests); the fingerprints make a store built by other code miss."""
+    from tasks.runner import execute, prepare_run
+
+    keep = os.environ.get("GRISTMILL_GOLDEN_STORE")
+    store = Path(keep) if keep else tmp_path_factory.mktemp("golden") / "store"
+    run = prepare_run(TINY, str(store))
+    if keep and not all(item.cached for item in run.stages):
+        shutil.rmtree(store)  # built by other code: start again, so it holds one run's artifacts
+        run = prepare_run(TINY, str(store))
+    for item in run.stages:
+        execute(item, run.spec, run.store)
+    records = finished(store)
+    assert set(records) == set(STAGES)
+    return Golden(store, records)
+
+
+@pytest.fixture
+def gristmill_log(caplog):
+    """caplog with the "gristmill" logger's records, even where the CLI set it not to propagate."""
+    logger = logging.getLogger("gristmill")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
