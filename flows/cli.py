@@ -1,10 +1,10 @@
 """The `gristmill` command line.
 
     gristmill run SPEC [--store DIR_OR_URL] [--until STAGE | --only STAGE] [--force STAGE ...]
-                       [--gpu-deployment FLOW/DEPLOYMENT]
+                       [--gpu-deployment FLOW/DEPLOYMENT] [--trust-remote-code]
     gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--json]
     gristmill report SPEC [--store DIR_OR_URL]
-    gristmill eval SPEC --questions FILE [--store DIR_OR_URL]
+    gristmill eval SPEC --questions FILE [--store DIR_OR_URL] [--trust-remote-code]
 
 Exit codes: 0 success; 2 bad input (spec, files, stage names), with a message naming the file,
 field or line; 1 a stage failed.
@@ -34,9 +34,31 @@ def _offline_defaults() -> None:
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its temporary server; a busy 2-core machine (four runs started
+    # together, each importing torch) needs longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _print_plan(rows: Sequence[PlannedStage], out=sys.stdout) -> None:
+def _start_prefect_server() -> None:
+    """Starts Prefect's temporary local server (when no PREFECT_API_URL names one) one process at
+    a time, under a lock in PREFECT_HOME: runs started together on a fresh PREFECT_HOME would
+    otherwise all migrate its SQLite database at once and fail ("duplicate column name")."""
+    import fcntl
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "gristmill-server-start.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()  # the instance Prefect's client uses for this process
+
+
+def _print_plan(rows: Sequence[PlannedStage], out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirect
     width = max(len(r.name) for r in rows)
     for r in rows:
         state = "cached" if r.cached else f"build  ({r.reason})"
@@ -58,14 +80,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs the pipeline (or part of it) through Prefect and prints each stage's artifact."""
-    run = prepare_run(args.spec, args.store, until=args.until, only=args.only, force=args.force)
+    run = prepare_run(args.spec, args.store, until=args.until, only=args.only, force=args.force,
+                      trust_remote_code=args.trust_remote_code)
     print(f"run {run.spec.name} ({args.spec}), store {run.store.url}")
     _print_plan(run.stages)
 
     from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
 
+    _start_prefect_server()
     state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
-                               gpu_deployment=args.gpu_deployment, return_state=True)
+                               gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
+                               return_state=True)
     results = state.result()  # raises the InputError or stage failure that ended the run
     print("done:")
     width = max(len(r.name) for r in results)
@@ -96,17 +121,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.questions).resolve()
     load_questions(path)  # a bad line is exit 2 before anything runs
     override = json.dumps({"eval": {"score_questions": str(path)}})
-    run = prepare_run(args.spec, args.store, only="eval", override=override)
+    run = prepare_run(args.spec, args.store, only="eval", override=override, trust_remote_code=args.trust_remote_code)
     print(f"eval {run.spec.name} on {path}, store {run.store.url}")
     _print_plan(run.stages)
 
     from flows.pipeline import gristmill_pipeline
 
-    state = gristmill_pipeline(args.spec, args.store, only="eval", override=override, return_state=True)
+    _start_prefect_server()
+    state = gristmill_pipeline(args.spec, args.store, only="eval", override=override,
+                               trust_remote_code=args.trust_remote_code, return_state=True)
     results = state.result()
     print(f"done: eval {results[0].state} {results[0].path}")
     print(_report_paths(results[0].path))
     return EXIT_OK
+
+
+def remote_code_flag(p: argparse.ArgumentParser) -> None:
+    """--trust-remote-code: only here can a run allow model code (a spec file cannot)."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let model, tokenizer and embedder folders run their own Python code (an auto_map in "
+                        "their config); off by default, and a spec file cannot turn it on. Weights still load "
+                        "from safetensors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the GPU stages (pretrain, midtrain, sft, dpo, eval) that are not cached as flow runs "
                           "of this one-stage deployment (e.g. gristmill-stage/gpu) on the Prefect server at "
                           "PREFECT_API_URL; the store must be one every worker reaches (e.g. s3://...)")
+    remote_code_flag(run)
     run.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="dry run: each stage's fingerprint, cached or not, and why")
@@ -147,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--questions", required=True, metavar="FILE",
                     help="JSONL: question, answers (list) or answer (string), optional doc_id")
     ev.add_argument("--store", metavar="DIR_OR_URL", help="artifact store (default as for run)")
+    remote_code_flag(ev)
     ev.set_defaults(func=cmd_eval)
     return parser
 

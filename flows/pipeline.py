@@ -142,7 +142,8 @@ def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: st
     child = run_deployment(
         name,
         parameters={"spec_path": spec_path, "stage": item.name, "store": store_url(run.store),
-                    "force": item.name in run.forced, "override": override, "fingerprint": item.fingerprint},
+                    "force": item.name in run.forced, "override": override, "fingerprint": item.fingerprint,
+                    "trust_remote_code": run.spec.trust_remote_code},
         job_variables={"gpu_count": gpu_count(run.spec, item.name)},
         flow_run_name=f"{run.spec.name}-{item.name}", timeout=None, poll_interval=DEPLOYMENT_POLL_S,
     )
@@ -160,10 +161,13 @@ def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: st
 @flow(name="gristmill-pipeline")
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
                        only: str | None = None, force: list[str] | None = None,
-                       override: str | None = None, gpu_deployment: str | None = None) -> list[StageResult] | State:
+                       override: str | None = None, gpu_deployment: str | None = None,
+                       trust_remote_code: bool = False) -> list[StageResult] | State:
     """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store;
-    with `gpu_deployment`, GPU stages to build run as flow runs of that deployment."""
-    run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override)
+    with `gpu_deployment`, GPU stages to build run as flow runs of that deployment.
+    `trust_remote_code` is the CLI's --trust-remote-code (a spec file cannot set it)."""
+    run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override,
+                      trust_remote_code=trust_remote_code)
     storage = result_storage(run.store)
     # A cached stage needs no GPU: it is looked up here, like any other.
     remote = {i.name for i in run.stages if gpu_deployment and i.name in GPU_STAGES and not i.cached}
@@ -186,12 +190,13 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
 
 @flow(name="gristmill-stage")
 def gristmill_stage(spec_path: str, stage: str, store: str, force: bool = False, override: str | None = None,
-                    fingerprint: str | None = None) -> StageResult | State:
+                    fingerprint: str | None = None, trust_remote_code: bool = False) -> StageResult | State:
     """Runs one stage of a spec on the cached artifacts of its upstream stages in `store`.
 
     `fingerprint` is the one the calling pipeline planned: a worker whose code, libraries or
     spec differ would build another artifact than the pipeline waits for, so it refuses."""
-    run = prepare_run(spec_path, store, only=stage, force=[stage] if force else [], override=override)
+    run = prepare_run(spec_path, store, only=stage, force=[stage] if force else [], override=override,
+                      trust_remote_code=trust_remote_code)
     item = run.stages[0]
     if fingerprint and item.fingerprint != fingerprint:
         raise StageError(f"stage {stage!r} has fingerprint {item.fingerprint} on this worker, but the pipeline "

@@ -73,7 +73,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     from trl import DPOConfig, DPOTrainer
 
     cfg = spec.dpo
-    model, tokenizer = load_model(inputs["sft"] / "model")
+    model, tokenizer = load_model(inputs["sft"] / "model", spec.trust_remote_code)
     max_length = cfg.max_length or model.config.max_position_embeddings
     pairs = [p for p in read_pairs(inputs["qa"] / "train.jsonl") if "paraphrase_of" not in p]
     if cfg.max_pairs is not None and len(pairs) > cfg.max_pairs:

@@ -50,14 +50,14 @@ def questions(spec: RunSpec, inputs: Inputs) -> tuple[list[EvalQuestion], str]:
     return qs, source
 
 
-def load_index(folder: Path):
+def load_index(folder: Path, trust_remote_code: bool):
     """(chunks, FAISS index, embedder) of the index artifact."""
     import faiss
 
     with (folder / "chunks.jsonl").open(encoding="utf-8") as f:
         chunks = [Chunk(**json.loads(line)) for line in f]
     meta = json.loads((folder / "embedder.json").read_text())
-    return chunks, faiss.read_index(str(folder / "index.faiss")), load_embedder(Path(meta["path"]))
+    return chunks, faiss.read_index(str(folder / "index.faiss")), load_embedder(Path(meta["path"]), trust_remote_code=trust_remote_code)
 
 
 def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, index, embedder) -> tuple[dict, list]:
@@ -76,7 +76,8 @@ def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, inde
 
     def model(name: str):
         if name not in models:
-            models[name] = load_model(inputs["dpo"] / "model" if name == "finetuned" else inputs["pretrain"])
+            models[name] = load_model(inputs["dpo"] / "model" if name == "finetuned" else inputs["pretrain"],
+                                      spec.trust_remote_code)
         return models[name]
 
     plans = {"finetuned": ("finetuned", lambda i: None, no_ids), "rag": ("base", top, with_ids),
@@ -125,7 +126,7 @@ def disagreements(qs, answers, scores) -> list[dict[str, Any]]:
 def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     """Answers every question with every arm, scores them, and writes the report."""
     qs, source = questions(spec, inputs)
-    chunks, index, embedder = load_index(inputs["index"])
+    chunks, index, embedder = load_index(inputs["index"], spec.trust_remote_code)
     answers, retrieved = run_arms(spec, inputs, qs, chunks, index, embedder)
     scores = {arm: [score(q, a) for q, a in zip(qs, rows)] for arm, rows in answers.items()}
     arms = summarize(scores, answers, spec.eval.bootstrap, spec.eval.seed)

@@ -11,18 +11,16 @@ import torch
 
 from data_specs.spec import FinetuneSpec, LoraSpec
 from tasks.errors import InputError
+from tasks.loading import load_causal_lm, load_tokenizer
 from tasks.training import Deadline, TimeLimitReached
 
 TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept across a killed run
 
 
-def load_model(path: Path):
+def load_model(path: Path, trust_remote_code: bool):
     """(model, tokenizer) of an upstream artifact's model folder, fp32, safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=torch.float32,
-                                                 trust_remote_code=False)
-    return model, AutoTokenizer.from_pretrained(str(path))
+    model = load_causal_lm(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

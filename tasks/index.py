@@ -37,7 +37,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     docs = list(iter_documents(inputs["dedup"] / "documents"))
     chunks = chunk_documents(docs, spec.index.chunk_words, spec.index.overlap)
     path = embedder_path(spec)
-    model = load_embedder(path)
+    model = load_embedder(path, trust_remote_code=spec.trust_remote_code)
     start = time.perf_counter()
     vectors = embed(model, [c.text for c in chunks])
     embed_s = time.perf_counter() - start

@@ -26,6 +26,7 @@ from tasks.distributed import run_or_launch
 from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import is_validation, pack, split_by_document
+from tasks.loading import load_causal_lm, load_tokenizer
 from tasks.stage import Inputs, Metrics, Stage
 from tasks.training import Dist, check_time_limit, pick_device, save_trained, train_loop
 
@@ -79,10 +80,8 @@ def mixture(spec: RunSpec, inputs: Inputs, tokenizer, block: int) -> tuple[torch
 
 def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Metrics:
     """The work of one process: the mixture, the loop; the main process saves the artifact."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(inputs["pretrain"]))
-    model = AutoModelForCausalLM.from_pretrained(str(inputs["pretrain"]), use_safetensors=True, dtype=torch.float32)
+    tokenizer = load_tokenizer(inputs["pretrain"], trust_remote_code=spec.trust_remote_code)
+    model = load_causal_lm(inputs["pretrain"], trust_remote_code=spec.trust_remote_code, dtype=torch.float32)
     train, val, manifest = mixture(spec, inputs, tokenizer, model.config.max_position_embeddings)
     result = train_loop(model, train, val, spec.midtrain, work, pick_device(dist), dist, label="midtrain",
                         time_limit=spec.resources.midtrain.time_limit)

@@ -26,23 +26,19 @@ from tasks.distributed import run_or_launch
 from tasks.documents import iter_documents
 from tasks.errors import InputError
 from tasks.lm_data import packed_splits
+from tasks.loading import load_causal_lm, load_tokenizer
 from tasks.stage import Inputs, Metrics, Stage, content_digest
 from tasks.training import Dist, check_time_limit, pick_device, save_trained, train_loop
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
 
 
-def load_checkpoint(path: Path):
+def load_checkpoint(path: Path, trust_remote_code: bool):
     """A local HF causal-LM checkpoint, safetensors only; anything else is bad input."""
-    from transformers import AutoModelForCausalLM
-
     if not (path / "config.json").is_file():
         raise InputError(f"pretrain.from: {path} is not a model checkpoint (no config.json)")
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
-                                                    dtype=torch.float32)
-    except Exception as e:  # transformers raises many types for a foreign folder
-        raise InputError(f"pretrain.from: {path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    return load_causal_lm(path, trust_remote_code=trust_remote_code, field="pretrain.from",
+                          what="loadable checkpoint", dtype=torch.float32)
 
 
 def new_model(spec: PretrainSpec, tokenizer) -> torch.nn.Module:
@@ -68,7 +64,7 @@ def make_model(spec: RunSpec, tokenizer) -> tuple[torch.nn.Module, int]:
     if not cfg.from_:
         return new_model(cfg, tokenizer), cfg.model.dims()["context"]
     path = spec.resolve(cfg.from_)
-    model = load_checkpoint(path)
+    model = load_checkpoint(path, spec.trust_remote_code)
     if len(tokenizer) > model.config.vocab_size:
         raise InputError(f"pretrain.from: {path} has {model.config.vocab_size} embedding rows but the tokenizer "
                          f"has {len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.from)")
@@ -78,9 +74,7 @@ def make_model(spec: RunSpec, tokenizer) -> tuple[torch.nn.Module, int]:
 
 def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Metrics:
     """The work of one process: data, model, loop; the main process saves the artifact."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(inputs["tokenizer"]))
+    tokenizer = load_tokenizer(inputs["tokenizer"], trust_remote_code=spec.trust_remote_code)
     model, block = make_model(spec, tokenizer)
     train, val = packed_splits(iter_documents(inputs["dedup"] / "documents"), tokenizer, block,
                                spec.pretrain.val_fraction, spec.pretrain.seed, f"{spec.spec_path}: pretrain")

@@ -48,7 +48,8 @@ def _candidates(spec: RunSpec, docs: list[dict], work: Path, stats: dict[str, in
     if cfg.generator == "model":
         from tasks.qa_model import generate_pairs
 
-        pairs = list(generate_pairs(docs, spec.resolve(cfg.model.path), cfg.model, cfg.per_doc, stats))
+        pairs = list(generate_pairs(docs, spec.resolve(cfg.model.path), cfg.model, cfg.per_doc, stats,
+                                    spec.trust_remote_code))
         return pairs, lambda pair, k: []  # a small local model cannot reword reliably
     from tasks.qa_openai import ChatClient, generate_pairs, paraphrase_questions, resolve_api_key
 

@@ -15,6 +15,7 @@ import torch
 
 from data_specs.spec import ModelGeneratorSpec
 from tasks.errors import InputError
+from tasks.loading import load_causal_lm, load_tokenizer
 from tasks.qa_common import Pair, locate
 
 PROMPT = ("Read the passage, then write one question it answers and the answer copied from it.\n\n"
@@ -44,15 +45,12 @@ def parse_reply(reply: str) -> tuple[str, str] | None:
     return (m.group("q").strip(), m.group("a").strip()) if m else None
 
 
-def load_generator(path: Path):
+def load_generator(path: Path, trust_remote_code: bool):
     """(tokenizer, model) from a local folder, safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a foreign folder
-        raise InputError(f"qa.model.path: {path} is not a loadable causal LM ({type(e).__name__}: {e})") from None
+    if not path.is_dir():
+        raise InputError(f"qa.model.path: {path} is not a folder")
+    model = load_causal_lm(path, trust_remote_code=trust_remote_code, field="qa.model.path")
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code, field="qa.model.path", padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok, model.eval()
@@ -60,9 +58,9 @@ def load_generator(path: Path):
 
 @torch.no_grad()
 def generate_pairs(docs: Iterable[dict], path: Path, spec: ModelGeneratorSpec, per_doc: int,
-                   stats: dict[str, int]) -> Iterator[Pair]:
+                   stats: dict[str, int], trust_remote_code: bool = False) -> Iterator[Pair]:
     """One prompt per chunk (at most `per_doc` chunks per document), generated in batches."""
-    tok, model = load_generator(path)
+    tok, model = load_generator(path, trust_remote_code)
     jobs = [(d, c) for d in docs for c in chunks(d["text"], spec.chunk_chars)[:per_doc]]
     for start in range(0, len(jobs), spec.batch_size):
         batch = jobs[start:start + spec.batch_size]

@@ -93,7 +93,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     from trl import SFTConfig, SFTTrainer
 
     cfg = spec.sft
-    model, tokenizer = load_model(inputs["midtrain"])
+    model, tokenizer = load_model(inputs["midtrain"], spec.trust_remote_code)
     max_length = cfg.max_length or model.config.max_position_embeddings
     pairs = read_pairs(inputs["qa"] / "train.jsonl")
     docs = {str(d["id"]): d["text"] for d in iter_documents(inputs["dedup"] / "documents")}

@@ -17,6 +17,7 @@ from pathlib import Path
 from data_specs.spec import RunSpec
 from tasks.documents import iter_documents
 from tasks.errors import InputError
+from tasks.loading import load_tokenizer
 from tasks.stage import Inputs, Metrics, Stage, content_digest
 
 EOS = "<|endoftext|>"
@@ -36,16 +37,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer_folder(path: Path):
+def load_tokenizer_folder(path: Path, trust_remote_code: bool):
     """A tokenizer folder loaded with plain transformers; an unloadable one is bad input."""
-    from transformers import AutoTokenizer
-
     if not path.is_dir():
         raise InputError(f"tokenizer.from: {path} is not a folder")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a foreign folder
-        raise InputError(f"tokenizer.from: {path} is not a loadable tokenizer ({type(e).__name__}: {e})") from None
+    return load_tokenizer(path, trust_remote_code=trust_remote_code, field="tokenizer.from")
 
 
 def train_bpe(texts, vocab_size: int, min_frequency: int):
@@ -71,7 +67,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     docs = inputs["dedup"] / "documents"
     cfg = spec.tokenizer
     if cfg.from_:
-        tok = load_tokenizer_folder(spec.resolve(cfg.from_))
+        tok = load_tokenizer_folder(spec.resolve(cfg.from_), spec.trust_remote_code)
         if tok.chat_template is None:
             tok.chat_template = CHAT_TEMPLATE
     else:
