@@ -21,14 +21,17 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
 
 from tasks.fingerprint import sha256_file
+from tasks.retry import with_retries
+
+T = TypeVar("T")
 
 RECORD = "artifact.json"
 WORK = ".work"  # per-fingerprint scratch kept across attempts (checkpoints, datatrove logs)
@@ -117,6 +120,11 @@ class ArtifactStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _io(self, what: str, call: Callable[[], T]) -> T:
+        """One call to a remote store, retried with backoff on network trouble (tasks/retry.py);
+        local calls run once (a local filesystem error is not transient)."""
+        return call() if self.is_local else with_retries(call, what)
+
     # ------------------------------------------------------------ reading
 
     def load(self, stage: str, fingerprint: str) -> ArtifactRecord | None:
@@ -128,8 +136,8 @@ class ArtifactStore:
         partial folder of a killed build; (None, why) when a record is there but unusable."""
         path = f"{self.root}/{stage}/{fingerprint}/{RECORD}"
         try:
-            with self.fs.open(path, "r", encoding="utf-8") as f:
-                record = ArtifactRecord.model_validate(json.load(f))
+            raw = self._io(f"reading {self.url}/{stage}/{fingerprint}/{RECORD}", lambda: self.fs.cat_file(path))
+            record = ArtifactRecord.model_validate(json.loads(raw))
         except FileNotFoundError:
             return None, ""
         except (ValueError, OSError) as e:  # torn or edited JSON, not a record, unreadable bytes
@@ -143,7 +151,7 @@ class ArtifactStore:
     def history(self, stage: str) -> list[ArtifactRecord]:
         """Every finished artifact of a stage, oldest first."""
         try:
-            entries = self.fs.ls(f"{self.root}/{stage}", detail=False)
+            entries = self._io(f"listing {self.url}/{stage}", lambda: self.fs.ls(f"{self.root}/{stage}", detail=False))
         except FileNotFoundError:
             return []
         records = []
@@ -163,7 +171,8 @@ class ArtifactStore:
         local = self.local_root / "downloads" / stage / fingerprint
         if not (local / RECORD).exists():
             tmp = local.with_name(f".{fingerprint}.{uuid.uuid4().hex}")
-            self.fs.get(f"{self.root}/{stage}/{fingerprint}/", str(tmp), recursive=True)
+            self._io(f"downloading {self.url}/{stage}/{fingerprint}",
+                     lambda: self.fs.get(f"{self.root}/{stage}/{fingerprint}/", str(tmp), recursive=True))
             shutil.rmtree(local, ignore_errors=True)
             local.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, local)
@@ -221,13 +230,15 @@ class ArtifactStore:
     def _publish_remote(self, build_dir: Path, record: ArtifactRecord) -> str:
         """Uploads the payload, then the record: a reader sees the record only after the payload."""
         target = f"{self.root}/{record.stage}/{record.fingerprint}"
+        where = f"{self.url}/{record.stage}/{record.fingerprint}"
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(f"{target}/{RECORD}")
-        self.fs.put(f"{build_dir}/", f"{target}/", recursive=True)
-        with self.fs.open(f"{target}/{RECORD}", "w", encoding="utf-8") as f:
-            f.write(record.model_dump_json(indent=2))
+            self._io(f"unpublishing {where}", lambda: self.fs.rm(f"{target}/{RECORD}"))
+        # A retried put re-sends every file; object stores overwrite, so that is idempotent.
+        self._io(f"uploading {where}", lambda: self.fs.put(f"{build_dir}/", f"{target}/", recursive=True))
+        body = record.model_dump_json(indent=2).encode()
+        self._io(f"writing {where}/{RECORD}", lambda: self.fs.pipe_file(f"{target}/{RECORD}", body))
         shutil.rmtree(build_dir, ignore_errors=True)
-        return f"{self.url}/{record.stage}/{record.fingerprint}"
+        return where
 
     def discard_work(self, stage: str, fingerprint: str) -> None:
         """Removes the scratch folder of a published fingerprint."""
