@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,16 @@ FUZZ_EXAMPLES = int(os.environ.get("GRISTMILL_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 GOOD = {"id": "good", "text": doc_text(1)}  # one readable record, so a source never ends up empty
+# Over every ingest this module runs, printed at its end (pytest -s): the figures in RELIABILITY.md.
+TOTALS: Counter[str] = Counter()
+REASONS: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_totals() -> Iterator[None]:
+    yield
+    print(f"\nfuzzed ingest: {TOTALS['runs']} runs, {TOTALS['in']} records read, {TOTALS['kept']} kept, "
+          f"{TOTALS['rejected']} rejected, {TOTALS['lost']} lost; reasons: {dict(REASONS.most_common())}")
 
 
 @contextmanager
@@ -79,6 +90,8 @@ def run_ingest(root: Path, sources: list[dict[str, Any]], **sections: Any) -> tu
     assert len(docs) == metrics["documents_out"] and len(rejects) == metrics["rejected"], metrics
     assert sum(s["read"] for s in metrics["sources"]) == metrics["documents_in"]
     assert all(r["metadata"].get("filter_reason") for r in rejects)
+    TOTALS.update(runs=1, kept=len(docs), rejected=len(rejects), **{"in": metrics["documents_in"]})
+    REASONS.update(metrics["rejected_by_reason"])
     return metrics, docs, rejects
 
 
@@ -162,6 +175,7 @@ def test_jsonl_reader_counts_every_record(lines: list[bytes], compress: str) -> 
     for reason in metrics["rejected_by_reason"]:
         event(f"reject: {reason}")
     if compress != "truncated-gzip":
+        TOTALS["lost"] += 1 + records_in(data) - metrics["documents_in"]
         assert metrics["documents_in"] == 1 + records_in(data), metrics
     else:  # what precedes the cut is read; the cut itself is one counted reject
         assert metrics["rejected_by_reason"].get("unreadable_file", 0) <= 1
