@@ -507,6 +507,8 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path, place: str) -> None:
     ("name: x\ncorpus:\n  sources: [{kind: jsonl, path: \"a\\0b\"}]\n", "corpus.sources.0.jsonl.path"),
     ("name: x\ncorpus:\n  sources: [{kind: text, path: " + "a" * 300 + "}]\n", "corpus.sources.0.text.path"),
     ("name: " + "a" * 500 + "\ncorpus:\n  sources: [{kind: python_docs}]\n", "name"),
+    ("name: x\ncorpus:\n  sources: [{kind: python_docs}]\ndedup: {language: ../../klingon}\n", "dedup.language: Value "
+     "error, datatrove has no word tokenizer for '../../klingon'"),
 ])
 def test_spec_classics(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "spec.yaml"
