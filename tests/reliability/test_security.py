@@ -177,10 +177,10 @@ GRISTMILL = [sys.executable, "-m", "flows.cli"]
 
 def isolated_env(root: Path, **extra: str) -> dict[str, str]:
     """The environment of a CLI run whose every side file lands under `root`."""
-    for name in ("prefect", "tmp", "hf"):
+    for name in ("prefect", "tmp", "hf", "home"):
         (root / name).mkdir(parents=True, exist_ok=True)
     return {**os.environ, "PREFECT_HOME": str(root / "prefect"), "TMPDIR": str(root / "tmp"),
-            "HF_HOME": str(root / "hf"), "HF_MODULES_CACHE": str(root / "hf" / "modules"),
+            "HOME": str(root / "home"), "HF_HOME": str(root / "hf"), "HF_MODULES_CACHE": str(root / "hf" / "modules"),
             "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO", **extra}
 
 
@@ -413,7 +413,9 @@ def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, tmp_path:
     params = flow_run_parameters(side / "prefect")
     assert params and all("spec_path" in p for p in params)
     assert not any(n.decode() in json.dumps(params) for n in needles)
-    # Outside the store only Prefect's home holds files; torch leaves an empty torchinductor_<user>
-    # folder in TMPDIR, and nothing lands in the Hugging Face cache.
-    leftovers = [str(p) for p in [*(side / "tmp").rglob("*"), *(side / "hf").rglob("*")] if not p.is_dir()]
-    assert not leftovers, leftovers
+    # Outside the store only Prefect's home holds run data. Also written: matplotlib's font cache
+    # (~/.cache/matplotlib/fontlist-*.json, the report's plots) and an empty torchinductor_<user>
+    # folder in TMPDIR; nothing lands in the Hugging Face cache.
+    leftovers = [p for name in ("tmp", "hf", "home") for p in (side / name).rglob("*") if not p.is_dir()]
+    font_cache = side / "home" / ".cache" / "matplotlib"
+    assert all(p.parent == font_cache and p.name.startswith("fontlist-") for p in leftovers), leftovers
