@@ -1,34 +1,27 @@
 """Prefect flows that wire the stages; all logic lives in tasks/.
 
-`gristmill_pipeline` runs the planned stages in order, one Prefect task each. Prefect sees the same
-cache key as the store (`StoreCachePolicy`), so its UI shows reused stages as Cached; the
-store stays the source of truth: a stage whose artifact is missing from the store is always
-re-run (`refresh_cache`), whatever Prefect remembers.
+`gristmill_pipeline` runs the planned stages in order, one Prefect task each. The artifact store
+is the only cache: a stage it holds ends in a task state named Cached (so the UI shows reuse
+as usual), and Prefect persists no result of its own, so nothing of Prefect's has to be shared
+between workers, and no pickle in a shared bucket is ever loaded.
 
 `gristmill_stage` runs exactly one stage; it is what the GPU work pool's deployment runs. With
 `gpu_deployment` set, the pipeline runs the data stages itself and each GPU stage that is not
 cached (tasks.registry.GPU_STAGES) as a flow run of that deployment, waiting for it. Both flows
-use one artifact store, passed explicitly, and keep Prefect's cache records beside it, so a
-stage built on the GPU pool shows as Cached in the next nightly run.
+use one artifact store, passed explicitly, so a stage built on the GPU pool shows as Cached in
+the next nightly run wherever it runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
-
 from prefect import flow, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import TaskRun
-from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.filesystems import RemoteFileSystem
 from prefect.settings import PREFECT_API_URL
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 from prefect.tasks import Task, exponential_backoff
 
 from data_specs.spec import RunSpec
@@ -47,33 +40,9 @@ RETRY_BACKOFF_S = 30.0
 DEPLOYMENT_POLL_S = 2.0
 
 
-@dataclass
-class StoreCachePolicy(CachePolicy):
-    """Prefect's cache key for a stage: its fingerprint, scoped to the store it lives in."""
-
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
-                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        item: PlannedStage = inputs["item"]
-        store = hashlib.sha256(inputs["store_url"].encode()).hexdigest()[:12]
-        return f"gristmill-{item.name}-{item.fingerprint}-{store}"
-
-
 def store_url(store: ArtifactStore) -> str:
-    """The store as every worker must name it: a local folder as its absolute path, so the
-    cache key (which hashes this string) is the same whichever process built the stage."""
+    """The store as every worker must name it: a local folder as its absolute path."""
     return store.root if store.is_local else store.url
-
-
-def result_storage(store: ArtifactStore) -> Path | str:
-    """Prefect's cache records live beside the artifacts, so they travel (and vanish) with them.
-
-    Prefect wants remote result storage as a saved block: one named after the store URL.
-    """
-    if store.is_local:
-        return Path(store.root) / ".prefect"
-    name = "gristmill-" + hashlib.sha256(store.url.encode()).hexdigest()[:12]
-    RemoteFileSystem(basepath=f"{store.url}/.prefect").save(name, overwrite=True)
-    return f"remote-file-system/{name}"
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -91,35 +60,35 @@ def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-@task(cache_policy=StoreCachePolicy(), persist_result=True, task_run_name="{item.name}",
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{item.name}",
       retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
       retry_condition_fn=retry_transient)
-def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False) -> StageResult:
-    """Builds one stage's artifact unless the store has it (tasks/runner.py does the work)."""
+def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False) -> StageResult | State:
+    """Builds one stage's artifact unless the store has it (tasks/runner.py does the work).
+
+    The store is the only cache: a stage it already holds ends in a state named Cached, which
+    Prefect's UI shows like one of its own cache hits. Prefect keeps no result of its own
+    (persisting one would put a cloudpickle in the shared store that every later run unpickles,
+    so anyone able to write to the bucket could run code on every worker)."""
     try:
-        return execute(item, spec, ArtifactStore(store_url), force=force)
+        result = execute(item, spec, ArtifactStore(store_url), force=force)
     except InputError as e:
         # The user's input, not a crash: fail with the message, without a traceback in the log.
         return Failed(message=str(e), data=e)
+    if result.state == "cached":
+        return Completed(name="Cached", message=f"in the store: {result.path}", data=result)
+    return result
 
 
-def run_here(item: PlannedStage, run: RunPlan, storage: Path | str) -> StageResult | State:
+def run_here(item: PlannedStage, run: RunPlan) -> StageResult | State:
     """Runs one planned stage as a task of this flow; a failed state for bad input."""
     rebuild = item.name in run.forced
-    stage_task = run_stage.with_options(
-        result_storage=storage,
-        # Not in the store (or forced): run it, and record the fresh result under the key.
-        refresh_cache=rebuild or not item.cached,
-    )
-    state = stage_task(item, run.spec, store_url(run.store), force=rebuild, return_state=True)
+    state = run_stage(item, run.spec, store_url(run.store), force=rebuild, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, InputError):
         return state  # the flow run fails with the message; the CLI exits with code 2
     if isinstance(result, BaseException):
         raise result  # a crashed stage: its traceback belongs in the log
-    if state.name == "Cached":
-        # Prefect handed back the result it persisted when the stage was built.
-        result = replace(result, state="cached")
     return result
 
 
@@ -168,7 +137,6 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
     `trust_remote_code` is the CLI's --trust-remote-code (a spec file cannot set it)."""
     run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override,
                       trust_remote_code=trust_remote_code)
-    storage = result_storage(run.store)
     # A cached stage needs no GPU: it is looked up here, like any other.
     remote = {i.name for i in run.stages if gpu_deployment and i.name in GPU_STAGES and not i.cached}
     if remote:
@@ -181,7 +149,7 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
         if item.name in remote:
             results.append(run_on_deployment(gpu_deployment, item, run, spec_path, override))
             continue
-        result = run_here(item, run, storage)
+        result = run_here(item, run)
         if isinstance(result, State):
             return result
         results.append(result)
@@ -202,4 +170,4 @@ def gristmill_stage(spec_path: str, stage: str, store: str, force: bool = False,
         raise StageError(f"stage {stage!r} has fingerprint {item.fingerprint} on this worker, but the pipeline "
                          f"planned {fingerprint}: this worker's code, libraries or spec files differ from the "
                          f"pipeline's (deploy the same commit and environment to every work pool)")
-    return run_here(item, run, result_storage(run.store))
+    return run_here(item, run)

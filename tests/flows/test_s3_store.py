@@ -84,8 +84,8 @@ def test_tiny_on_s3_then_cached_then_only_eval(s3_env):
         body = s3_client(s3_env).get_object(Bucket=BUCKET, Key=prefix + "artifact.json")["Body"].read()
         assert {prefix + f for f in json.loads(body)["files"]} <= keys
         assert row["path"] == f"{store}/{row['stage']}/{row['fingerprint']}"
-    # Prefect's cache records live in the store too, so a worker elsewhere sees the same cache.
-    assert any(k.startswith("team/nightly/.prefect/") for k in keys)
+    # The store is the only cache: Prefect leaves no pickled result in the bucket.
+    assert not any(k.startswith("team/nightly/.prefect/") for k in keys)
 
     again = gristmill(s3_env, "run", str(TINY), "--store", store)
     assert again.returncode == 0, again.stderr[-4000:]
