@@ -115,7 +115,9 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
                          eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
     resumed = train(trainer, work, "sft", time_limit=spec.resources.sft.time_limit)
-    val_loss = trainer.evaluate()["eval_loss"]
+    # None when no validation example kept an assistant token within max_length (TRL then
+    # evaluates nothing and reports no loss); the stage's other metrics still stand.
+    val_loss = trainer.evaluate().get("eval_loss")
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.epochs
     f1_after = answer_f1(trainer.model, tokenizer, sample, cfg.max_new_tokens)
     lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
