@@ -97,22 +97,49 @@ def gristmill(*args: str, timeout: float = 900, **kwargs: Any) -> subprocess.Com
                           **kwargs)
 
 
-@pytest.fixture(scope="session")
-def golden(tmp_path_factory) -> Golden:
-    """tiny.yaml run once, uninterrupted, through tasks.runner (what the Prefect flow calls).
+@dataclass(frozen=True)
+class FourRuns:
+    """Four `gristmill run tiny.yaml` started together on one fresh store."""
 
-    GRISTMILL_GOLDEN_STORE names a folder to keep it in across sessions (a soak run, or
-    iterating on these tests); the fingerprints make a store built by other code miss."""
+    store: Path
+    outputs: list[tuple[int, str, str]]  # (exit code, stdout, stderr) of each
+
+
+@pytest.fixture(scope="session")
+def four_runs(tmp_path_factory) -> FourRuns:
+    """The real CLI, four processes started at once on one store (each waits for the others'
+    locks, so the stages are built once, uninterrupted)."""
+    store = tmp_path_factory.mktemp("four-runs") / "store"
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(TINY), "--store", str(store)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=3600) for p in procs]
+    return FourRuns(store, [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)])
+
+
+@pytest.fixture(scope="session")
+def golden(request) -> Golden:
+    """An uninterrupted tiny.yaml store: the one the four simultaneous runs built (a run killed
+    in a trial is compared with it, stage by stage, so it is checked twice).
+
+    GRISTMILL_GOLDEN_STORE names a folder to build it in, through tasks.runner, and keep it
+    across sessions instead (a soak run, or iterating on these tests); the fingerprints make
+    a store built by other code miss, and it is then built again."""
     from tasks.runner import execute, prepare_run
 
     keep = os.environ.get("GRISTMILL_GOLDEN_STORE")
-    store = Path(keep) if keep else tmp_path_factory.mktemp("golden") / "store"
-    run = prepare_run(TINY, str(store))
-    if keep and not all(item.cached for item in run.stages):
-        shutil.rmtree(store)  # built by other code: start again, so it holds one run's artifacts
+    if keep:
+        store = Path(keep)
         run = prepare_run(TINY, str(store))
-    for item in run.stages:
-        execute(item, run.spec, run.store)
+        if not all(item.cached for item in run.stages):
+            shutil.rmtree(store, ignore_errors=True)  # built by other code: one run's artifacts only
+            run = prepare_run(TINY, str(store))
+        for item in run.stages:
+            execute(item, run.spec, run.store)
+    else:
+        runs: FourRuns = request.getfixturevalue("four_runs")
+        assert [code for code, _, _ in runs.outputs] == [0] * 4, [err[-2000:] for _, _, err in runs.outputs]
+        store = runs.store
     records = finished(store)
     assert set(records) == set(STAGES)
     return Golden(store, records)
