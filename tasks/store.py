@@ -267,7 +267,8 @@ class ArtifactStore:
             return check_files(Path(self.root) / stage / fp, record.files, deep)
         if not deep:
             base = f"{self.root}/{stage}/{fp}"
-            found = {p[len(base) + 1:]: info.get("size") for p, info in self.fs.find(base, detail=True).items()}
+            listing = self._io(f"listing {self.url}/{stage}/{fp}", lambda: self.fs.find(base, detail=True))
+            found = {p[len(base) + 1:]: info.get("size") for p, info in listing.items()}
             return check_sizes(found, record.files)
         problems = check_files(self.materialize(stage, fp), record.files, deep=True)
         if problems:  # the local download may be what is damaged: fetch it again before blaming the store
@@ -288,9 +289,10 @@ class ArtifactStore:
             return str(dest)
         src, dest = f"{self.root}/{stage}/{fingerprint}", f"{self.root}/{DAMAGED}/{stage}/{name}"
         # Object stores move file by file: the record goes first, so the source stops counting as done.
-        paths = sorted(self.fs.find(src), key=lambda p: not p.endswith(f"/{RECORD}"))
+        paths = sorted(self._io(f"listing {src}", lambda: self.fs.find(src)), key=lambda p: not p.endswith(f"/{RECORD}"))
         for path in paths:
-            self.fs.mv(path, f"{dest}/{path[len(src) + 1:]}")
+            target = f"{dest}/{path[len(src) + 1:]}"
+            self._io(f"moving {path} aside", lambda path=path, target=target: self.fs.mv(path, target))
         return f"{self.url}/{DAMAGED}/{stage}/{name}"
 
     def check_writable(self) -> None:
