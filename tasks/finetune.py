@@ -3,6 +3,9 @@ limit, and saving an adapter plus a merged model that plain transformers can loa
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,8 @@ from data_specs.spec import FinetuneSpec, LoraSpec
 from tasks.errors import InputError
 from tasks.loading import load_causal_lm, load_tokenizer
 from tasks.training import Deadline, TimeLimitReached
+
+log = logging.getLogger("gristmill")
 
 TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept across a killed run
 
@@ -55,12 +60,23 @@ def trainer_kwargs(spec: FinetuneSpec, work: Path, max_length: int) -> dict[str,
 
 
 def last_checkpoint(work: Path) -> tuple[str | None, int]:
-    """(checkpoint folder a killed run left, its step), or (None, 0)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """(the newest complete checkpoint folder a killed run left, its step), or (None, 0).
 
+    The Trainer writes trainer_state.json last, and not atomically, so a checkpoint counts only
+    when that file parses; a newer one a kill left half-written is removed (it is scratch), and
+    the run resumes from the one before it instead of failing on every rerun."""
     folder = work / TRAINER_DIR
-    path = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    return (path, int(path.rsplit("-", 1)[-1])) if path else (None, 0)
+    found = sorted(((int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob("checkpoint-*")
+                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()), reverse=True)
+    for step, path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("removing %s: a checkpoint a kill left incomplete (no readable trainer_state.json)", path)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        return str(path), step
+    return None, 0
 
 
 def _progress_callback(label: str):

@@ -12,7 +12,7 @@ group (datatrove or torchrun children included), sent from a thread of this proc
                              its artifact.json is written (the one window publish leaves);
   --kill-in-checkpoint-save  in the middle of a checkpoint save: the training loop's second
                              checkpoint written to checkpoint.tmp but not renamed over the
-                             first; TRL's first checkpoint folder without its trainer_state.json.
+                             first; TRL's second checkpoint folder without its trainer_state.json.
 Exit 0 means the run finished before any kill; 3 means a stage failed (message on stderr).
 `--fsize-limit` sets RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG instead).
 """
@@ -88,7 +88,9 @@ def arm_checkpoint_save(stage: str) -> None:
 
     def save_to_json(self, json_path: str) -> None:
         if "/checkpoint-" in str(json_path) and in_stage(json_path):
-            die()  # model, optimizer and RNG state are written; trainer_state.json is not
+            saves["n"] += 1
+            if saves["n"] == 2:  # the first checkpoint is complete; the second has its model,
+                die()  # optimizer and RNG state written, but not trainer_state.json
         real_save_to_json(self, json_path)
 
     os.replace = replace

@@ -280,9 +280,6 @@ def test_four_runs_started_together(four_runs: FourRuns, golden: Golden) -> None
     assert sorted(p.name for p in store.iterdir()) == sorted([".locks", ".work", *STAGES])
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/finetune.py last_checkpoint() picks the newest trainer/checkpoint-N "
-                   "folder even when a kill left it without trainer_state.json (TRL writes that file last, and not "
-                   "atomically); every rerun of the stage then fails until its .work folder is removed")
 def test_trl_checkpoint_killed_mid_save_resumes(golden: Golden, tmp_path: Path) -> None:
     trial = Trial(TRIALS, "sft", "checkpoint-save", "runner", 0.0)
     store = tmp_path / "store"
