@@ -148,10 +148,24 @@ def save_models(model, tokenizer, out: Path, lora: bool) -> dict[str, Any]:
     """The adapter (with LoRA) in out/adapter and a merged model in out/model; returns lineage facts."""
     if lora:
         model.save_pretrained(str(out / "adapter"))
+        _reproducible_adapter(out / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(str(out / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(out / "model"))
     return {"adapters_merged": lora, "adapter": "adapter" if lora else None, "model": "model"}
+
+
+def _reproducible_adapter(folder: Path) -> None:
+    """Makes equal adapters equal bytes: PEFT writes the base model's absolute path (a folder in
+    whichever store built it) and target_modules in set order. The base is in lineage.json; the
+    model card PEFT adds is a template naming the same path."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = None
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "README.md").unlink(missing_ok=True)
 
 
 def history(trainer, key: str) -> list[float]:
