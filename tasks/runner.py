@@ -113,7 +113,7 @@ def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = ()) -> list
         damage = damage_of(store, stage.name, fp)
         cached = damage is None
         if stage.name in forced and cached:
-            reason = "forced" if stage.name in force else f"forced upstream ({', '.join(sorted(forced & set(_ancestors(stage.name))))})"
+            reason = "forced" if stage.name in force else f"forced upstream ({', '.join(sorted(forced & set(ancestors(stage.name))))})"
             cached = False
         elif cached:
             reason = ""
@@ -125,7 +125,7 @@ def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = ()) -> list
     return planned
 
 
-def _ancestors(name: str) -> set[str]:
+def ancestors(name: str) -> set[str]:
     """Every stage that `name` reads, directly or not."""
     out: set[str] = set()
     todo = list(get_stage(name).needs)
@@ -141,7 +141,7 @@ def _with_dependents(names: Sequence[str]) -> set[str]:
     """The named stages and every stage downstream of one of them."""
     for n in names:
         get_stage(n)  # raises InputError for an unknown stage
-    return {s.name for s in STAGES if s.name in names or _ancestors(s.name) & set(names)}
+    return {s.name for s in STAGES if s.name in names or ancestors(s.name) & set(names)}
 
 
 def select(planned: list[PlannedStage], until: str | None = None, only: str | None = None) -> list[PlannedStage]:
@@ -152,7 +152,7 @@ def select(planned: list[PlannedStage], until: str | None = None, only: str | No
         return [p for p in planned if p.name == only]
     if until is not None:
         get_stage(until)
-        wanted = {until} | _ancestors(until)
+        wanted = {until} | ancestors(until)
         return [p for p in planned if p.name in wanted]
     return [p for p in planned if p.name in names]
 

@@ -47,16 +47,9 @@ class Golden:
 
 def needs(stage: str) -> set[str]:
     """Every stage that `stage` reads, directly or not."""
-    from tasks.registry import get_stage
+    from tasks.runner import ancestors
 
-    out: set[str] = set()
-    todo = list(get_stage(stage).needs)
-    while todo:
-        name = todo.pop()
-        if name not in out:
-            out.add(name)
-            todo.extend(get_stage(name).needs)
-    return out
+    return ancestors(stage)
 
 
 def payload(record: dict[str, Any]) -> dict[str, str]:
