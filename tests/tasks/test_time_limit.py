@@ -102,7 +102,9 @@ def test_one_rank_past_its_limit_stops_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
     answers = mp.Manager().dict()
-    mp.start_processes(_agree, args=(str(tmp_path / "rendezvous"), answers), nprocs=2, start_method="fork")
+    # spawn, not fork: by now the test process has threads (Prefect, Ray, torch), and a forked
+    # child of a threaded process can inherit a held lock and die (seen in CI).
+    mp.start_processes(_agree, args=(str(tmp_path / "rendezvous"), answers), nprocs=2, start_method="spawn")
     assert dict(answers) == {0: (1.5, True), 1: (1.5, True)}
 
 
