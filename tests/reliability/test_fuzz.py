@@ -441,14 +441,16 @@ def test_question_file_classics(tmp_path: Path, content: bytes, message: str) ->
         load_questions(path)
 
 
+def denied(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for a read of a file we may not read: the tests run as root, where chmod 0 would not stop it."""
+    raise PermissionError(13, "Permission denied")
+
+
 def test_question_file_that_is_a_folder_or_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InputError, match="not a file"):
         load_questions(tmp_path)
     path = tmp_path / "q.jsonl"
     path.write_text('{"question": "q?", "answer": "a"}\n')
-
-    def denied(*args: Any, **kwargs: Any) -> Any:  # the tests run as root: chmod 0 would not stop a read
-        raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(InputError, match=f"{path}: question file cannot be read .Permission denied"):
@@ -524,9 +526,6 @@ def test_spec_that_is_a_folder_or_unreadable(tmp_path: Path, monkeypatch: pytest
         load_spec(tmp_path)
     path = tmp_path / "spec.yaml"
     path.write_text("name: x\n")
-
-    def denied(*args: Any, **kwargs: Any) -> Any:  # the tests run as root: chmod 0 would not stop a read
-        raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(InputError, match=f"{path}: spec file cannot be read .Permission denied"):
