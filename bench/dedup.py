@@ -74,7 +74,7 @@ def perturb(text: str, rng: random.Random, vocab: list[str], rate: float) -> str
 def make_corpus(folder: Path, scale: int, seed: int = 0) -> tuple[int, int]:
     """Writes `scale` copies of python_docs (copy 0 verbatim, later copies exact or perturbed at
     0.5-8 %, all with new ids) into SHARDS JSONL files; returns (documents, bytes)."""
-    from tasks.python_docs import write_python_docs  # only to generate the input
+    from tasks.data.python_docs import write_python_docs  # only to generate the input
 
     write_python_docs(folder / "python_docs.jsonl")
     docs = [json.loads(line) for line in (folder / "python_docs.jsonl").read_text().splitlines() if line.strip()]
@@ -110,10 +110,10 @@ executor: {{kind: local, tasks: {tasks}, workers: {tasks}}}
 def run_ours(corpus: Path, work: Path, tasks: int) -> Result:
     """plan + execute of ingest and dedup through tasks/runner.py into a fresh store, as
     `gristmill run` does (input fingerprint, lock, temp folder, publish, checksums)."""
-    from data_specs.spec import load_spec
-    from tasks import fingerprint
-    from tasks.runner import execute, plan, select
-    from tasks.store import ArtifactStore
+    from data_specs.loader import load_spec
+    from tasks.core import fingerprint
+    from tasks.core.runner import execute, plan, select
+    from tasks.core.store import ArtifactStore
 
     spec_path = work / "spec.yaml"
     spec_path.write_text(SPEC.format(min=MIN_CHARS, max=MAX_CHARS, threshold=THRESHOLD, ngrams=NGRAMS,
@@ -161,7 +161,7 @@ def text_of(doc: Document) -> str:
 def run_bare(corpus: Path, work: Path, tasks: int) -> Result:
     """The same datatrove steps, parameters and task counts as tasks/ingest.py and
     tasks/dedup.py, written directly (no exclusion writers, key indexes or cluster ids)."""
-    from data_specs.spec import NearDedupSpec
+    from data_specs.schema import NearDedupSpec
     from tasks.dedup import minhash_config  # the config only, so both use the same bands/rows
 
     def run(pipeline: list, name: str, n: int = tasks) -> PipelineStats:

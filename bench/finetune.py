@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data_specs.spec import MODEL_PRESETS
+from data_specs.schema import MODEL_PRESETS
 from tasks.tokenizer import train_bpe
 
 WORDS = "the a of list item value index return insert sorted key module function call object type".split()

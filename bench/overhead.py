@@ -1,6 +1,6 @@
 """Benchmark: what Prefect costs. The whole pipeline through `gristmill run` (the CLI: it plans,
 then runs the `gristmill_pipeline` flow in Prefect's ephemeral mode, one task per stage) vs the
-same stage functions called directly (tasks.runner.prepare_run, then execute for each stage in
+same stage functions called directly (tasks.core.runner.prepare_run, then execute for each stage in
 order: no Prefect), each into a fresh store; then fully cached reruns of both.
 
 Every run is a fresh process, so both variants pay the same interpreter start and imports
@@ -42,7 +42,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE"
        "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 WARM_PREFECT = "from prefect import flow\n@flow\ndef warm():\n    pass\nwarm()\n"
 # The direct variant: the stage functions in pipeline order, no Prefect (argv: spec, store).
-DIRECT = ("import sys\nfrom tasks.runner import execute, prepare_run\n"
+DIRECT = ("import sys\nfrom tasks.core.runner import execute, prepare_run\n"
           "run = prepare_run(sys.argv[1], sys.argv[2])\n"
           "for item in run.stages:\n    execute(item, run.spec, run.store)\n")
 

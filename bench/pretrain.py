@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from data_specs.spec import MODEL_PRESETS, OptimSpec
-from tasks.training import Dist, flops_per_token, mfu, param_groups, train_loop
+from data_specs.schema import MODEL_PRESETS, OptimSpec
+from tasks.train.loop import Dist, flops_per_token, mfu, param_groups, train_loop
 
 
 def make_model(preset: str, seq: int, vocab: int, device: torch.device) -> torch.nn.Module:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from tasks.ingest import normalize_text
-from tasks.python_docs import write_python_docs
-from tasks.qa_rules import _DEFINITION, _GRAMMAR, _MEMBER, rule_pairs
+from tasks.data.python_docs import write_python_docs
+from tasks.qagen.rules import _DEFINITION, _GRAMMAR, _MEMBER, rule_pairs
 
 
 def bare_scan(docs: list[dict]) -> int:

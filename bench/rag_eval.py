@@ -23,11 +23,11 @@ from statistics import mean
 
 import yaml
 
-from data_specs.spec import load_spec
+from data_specs.loader import load_spec
 from eval.rag import chunk_documents, default_embedder_path
-from tasks.documents import iter_documents
-from tasks.runner import execute, plan
-from tasks.store import ArtifactStore
+from tasks.core.artifacts import iter_documents
+from tasks.core.runner import execute, plan
+from tasks.core.store import ArtifactStore
 
 
 def bare_index(texts: list[str], out: Path) -> float:

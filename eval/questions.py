@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tasks.errors import InputError
+from data_specs.errors import InputError
 
 MAX_LINE_BYTES = 1_000_000  # a question line is a few hundred bytes; anything this big is a mistake
 

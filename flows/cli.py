@@ -1,8 +1,8 @@
 """The `gristmill` command line.
 
     gristmill run SPEC [--store DIR_OR_URL] [--until STAGE | --only STAGE] [--force STAGE ...]
-                       [--gpu-deployment FLOW/DEPLOYMENT] [--trust-remote-code]
-    gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--json]
+                       [--gpu-deployment FLOW/DEPLOYMENT [--gpu-device cuda|cpu]] [--trust-remote-code]
+    gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--gpu-deployment FLOW/DEPLOYMENT] [--json]
     gristmill report SPEC [--store DIR_OR_URL]
     gristmill eval SPEC --questions FILE [--store DIR_OR_URL] [--trust-remote-code]
 
@@ -20,11 +20,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_specs.spec import load_spec
+from data_specs.loader import load_spec
 from eval.questions import load_questions
-from tasks.errors import InputError, StageError
-from tasks.registry import stage_names
-from tasks.runner import DEFAULT_STORE, PlannedStage, plan, prepare_run, resolve_store
+from data_specs.errors import InputError, StageError
+from tasks.core.keys import Placement, local_device
+from tasks.core.runner import DEFAULT_STORE, PlannedStage, pipeline, plan, prepare_run, resolve_store
+from tasks.run_report import publish_run_report, run_report_location
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -69,7 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Prints every stage's fingerprint, whether it is cached, and why not."""
     spec = load_spec(args.spec)
     store = resolve_store(spec, args.store)
-    rows = plan(spec, store, force=args.force)
+    rows = plan(spec, store, force=args.force, placement=_placement(args))
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
     else:
@@ -78,10 +79,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _placement(args: argparse.Namespace) -> Placement:
+    """Where the stages run: here, or the GPU stages on the GPU work pool (--gpu-deployment)."""
+    return Placement(gpu=args.gpu_device, data=local_device()) if args.gpu_deployment else Placement()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs the pipeline (or part of it) through Prefect and prints each stage's artifact."""
     run = prepare_run(args.spec, args.store, until=args.until, only=args.only, force=args.force,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, placement=_placement(args))
     print(f"run {run.spec.name} ({args.spec}), store {run.store.url}")
     _print_plan(run.stages)
 
@@ -90,19 +96,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     _start_prefect_server()
     state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
                                gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
-                               return_state=True)
+                               gpu_device=args.gpu_device, return_state=True)
     results = state.result()  # raises the InputError or stage failure that ended the run
     print("done:")
     width = max(len(r.name) for r in results)
     for r in results:
         print(f"  {r.name:<{width}}  {r.state:<6}  {r.path}")
     if results[-1].name == "eval":
-        print(_report_paths(results[-1].path))
+        print(_report_paths(run.store, run.spec.name))
     return EXIT_OK
 
 
-def _report_paths(path: str) -> str:
-    return f"report: {path}/report.html\n        {path}/report.md"
+def _report_paths(store, run_name: str) -> str:
+    """Where the run's report is (tasks/run_report.py), HTML and Markdown."""
+    html = run_report_location(store, run_name)
+    return f"report: {html}\n        {html[: -len('.html')]}.md" if html else "report: none written yet"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -112,7 +120,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     row = next(r for r in plan(spec, store) if r.name == "eval")
     if not row.cached:
         raise InputError(f"no report for {args.spec} in {store.url} yet ({row.reason}); run `gristmill run {args.spec}`")
-    print(_report_paths(row.path))
+    if run_report_location(store, spec.name) is None:  # built by another run name, or before run reports
+        try:
+            publish_run_report(store, spec.name, row.fingerprint)
+        except OSError:  # a read-only store: the eval artifact's own report (without the run's name)
+            print(f"report: {row.path}/report.html\n        {row.path}/report.md")
+            return EXIT_OK
+    print(_report_paths(store, spec.name))
     return EXIT_OK
 
 
@@ -132,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                trust_remote_code=args.trust_remote_code, return_state=True)
     results = state.result()
     print(f"done: eval {results[0].state} {results[0].path}")
-    print(_report_paths(results[0].path))
+    print(_report_paths(run.store, run.spec.name))
     return EXIT_OK
 
 
@@ -144,9 +158,17 @@ def remote_code_flag(p: argparse.ArgumentParser) -> None:
                         "from safetensors only")
 
 
+def gpu_device_flag(p: argparse.ArgumentParser) -> None:
+    """--gpu-device: the device of the GPU work pool's workers (it is in the GPU stages' keys)."""
+    p.add_argument("--gpu-device", choices=("cuda", "cpu"), default="cuda",
+                   help="with --gpu-deployment: the device the GPU pool's workers train on (default cuda; cpu only "
+                        "for a pool of CPU machines, e.g. to test the set-up); training on another device gives "
+                        "other weights, so it is part of those stages' fingerprints")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gristmill", description="From a team's documents to a trained model "
-                                     "and a RAG-vs-fine-tune verdict. Stages: " + ", ".join(stage_names()))
+                                     "and a RAG-vs-fine-tune verdict. Stages: " + ", ".join(pipeline().names()))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -161,14 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs what it needs)")
     run.add_argument("--only", metavar="STAGE", help="run just this stage on cached upstream artifacts")
     run.add_argument("--gpu-deployment", metavar="FLOW/DEPLOYMENT",
-                     help="run the GPU stages (pretrain, midtrain, sft, dpo, eval) that are not cached as flow runs "
-                          "of this one-stage deployment (e.g. gristmill-stage/gpu) on the Prefect server at "
+                     help=f"run the GPU stages ({', '.join(pipeline().gpu_stages())}) that are not cached as flow "
+                          "runs of this one-stage deployment (e.g. gristmill-stage/gpu) on the Prefect server at "
                           "PREFECT_API_URL; the store must be one every worker reaches (e.g. s3://...)")
+    gpu_device_flag(run)
     remote_code_flag(run)
     run.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="dry run: each stage's fingerprint, cached or not, and why")
     common(pl)
+    pl.add_argument("--gpu-deployment", metavar="FLOW/DEPLOYMENT",
+                    help="plan as a run with --gpu-deployment would: the GPU stages' keys hold the GPU pool's device")
+    gpu_device_flag(pl)
     pl.add_argument("--json", action="store_true",
                     help="print a JSON list of {stage, fingerprint, cached, reason, path}")
     pl.set_defaults(func=cmd_plan)

@@ -7,7 +7,7 @@ between workers, and no pickle in a shared bucket is ever loaded.
 
 `gristmill_stage` runs exactly one stage; it is what the GPU work pool's deployment runs. With
 `gpu_deployment` set, the pipeline runs the data stages itself and each GPU stage that is not
-cached (tasks.registry.GPU_STAGES) as a flow run of that deployment, waiting for it. Both flows
+cached (the stages marked `gpu` in tasks/registry.py) as a flow run of that deployment, waiting for it. Both flows
 use one artifact store, passed explicitly, so a stage built on the GPU pool shows as Cached in
 the next nightly run wherever it runs.
 """
@@ -24,11 +24,12 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Failed, State
 from prefect.tasks import Task, exponential_backoff
 
-from data_specs.spec import RunSpec
-from tasks.errors import InputError, StageError, TransientError
-from tasks.registry import GPU_STAGES, gpu_count
-from tasks.runner import PlannedStage, RunPlan, StageResult, execute, prepare_run
-from tasks.store import ArtifactStore
+from data_specs.schema import RunSpec
+from data_specs.errors import InputError, StageError, TransientError
+from tasks.core.keys import Placement, local_device
+from tasks.core.runner import PlannedStage, RunPlan, StageResult, execute, gpu_count, pipeline, prepare_run
+from tasks.core.store import ArtifactStore
+from tasks.run_report import publish_run_report
 
 # A stage failing with TransientError (remote store I/O, an API that kept failing) is retried
 # twice, after 30 s and 60 s: long enough for a throttled bucket or API to recover, short
@@ -63,7 +64,8 @@ def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{item.name}",
       retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
       retry_condition_fn=retry_transient)
-def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False) -> StageResult | State:
+def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False,
+              placement: Placement = Placement()) -> StageResult | State:
     """Builds one stage's artifact unless the store has it (tasks/runner.py does the work).
 
     The store is the only cache: a stage it already holds ends in a state named Cached, which
@@ -71,7 +73,7 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
     (persisting one would put a cloudpickle in the shared store that every later run unpickles,
     so anyone able to write to the bucket could run code on every worker)."""
     try:
-        result = execute(item, spec, ArtifactStore(store_url), force=force)
+        result = execute(item, spec, ArtifactStore(store_url), force=force, placement=placement)
     except InputError as e:
         # The user's input, not a crash: fail with the message, without a traceback in the log.
         return Failed(message=str(e), data=e)
@@ -80,10 +82,16 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
     return result
 
 
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="report")
+def run_report(run_name: str, store_url: str, fingerprint: str) -> str:
+    """The run's own report from its eval artifact: its name and what changed (tasks/run_report.py)."""
+    return publish_run_report(ArtifactStore(store_url), run_name, fingerprint)
+
+
 def run_here(item: PlannedStage, run: RunPlan) -> StageResult | State:
     """Runs one planned stage as a task of this flow; a failed state for bad input."""
     rebuild = item.name in run.forced
-    state = run_stage(item, run.spec, store_url(run.store), force=rebuild, return_state=True)
+    state = run_stage(item, run.spec, store_url(run.store), force=rebuild, placement=run.placement, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, InputError):
         return state  # the flow run fails with the message; the CLI exits with code 2
@@ -112,8 +120,9 @@ def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: st
         name,
         parameters={"spec_path": spec_path, "stage": item.name, "store": store_url(run.store),
                     "force": item.name in run.forced, "override": override, "fingerprint": item.fingerprint,
-                    "trust_remote_code": run.spec.trust_remote_code},
-        job_variables={"gpu_count": gpu_count(run.spec, item.name)},
+                    "trust_remote_code": run.spec.trust_remote_code, "gpu_device": run.placement.gpu,
+                    "data_device": run.placement.data},
+        job_variables={"gpu_count": gpu_count(run.spec, item.name)},  # resources.<stage>.gpus, else 1
         flow_run_name=f"{run.spec.name}-{item.name}", timeout=None, poll_interval=DEPLOYMENT_POLL_S,
     )
     if not child.state or not child.state.is_completed():
@@ -131,14 +140,17 @@ def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: st
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
                        only: str | None = None, force: list[str] | None = None,
                        override: str | None = None, gpu_deployment: str | None = None,
-                       trust_remote_code: bool = False) -> list[StageResult] | State:
+                       trust_remote_code: bool = False, gpu_device: str = "cuda") -> list[StageResult] | State:
     """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store;
-    with `gpu_deployment`, GPU stages to build run as flow runs of that deployment.
-    `trust_remote_code` is the CLI's --trust-remote-code (a spec file cannot set it)."""
+    with `gpu_deployment`, GPU stages to build run as flow runs of that deployment, whose
+    workers have `gpu_device`. `trust_remote_code` is the CLI's --trust-remote-code (a spec
+    file cannot set it)."""
+    placement = Placement(gpu=gpu_device, data=local_device()) if gpu_deployment else Placement()
     run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, placement=placement)
     # A cached stage needs no GPU: it is looked up here, like any other.
-    remote = {i.name for i in run.stages if gpu_deployment and i.name in GPU_STAGES and not i.cached}
+    gpu = set(pipeline().gpu_stages())
+    remote = {i.name for i in run.stages if gpu_deployment and i.name in gpu and not i.cached}
     if remote:
         try:
             check_deployment(gpu_deployment)
@@ -153,18 +165,23 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
         if isinstance(result, State):
             return result
         results.append(result)
+    for result in results:
+        if result.name == "eval":
+            run_report(run.spec.name, store_url(run.store), result.fingerprint)
     return results
 
 
 @flow(name="gristmill-stage")
 def gristmill_stage(spec_path: str, stage: str, store: str, force: bool = False, override: str | None = None,
-                    fingerprint: str | None = None, trust_remote_code: bool = False) -> StageResult | State:
+                    fingerprint: str | None = None, trust_remote_code: bool = False,
+                    gpu_device: str | None = None, data_device: str | None = None) -> StageResult | State:
     """Runs one stage of a spec on the cached artifacts of its upstream stages in `store`.
 
-    `fingerprint` is the one the calling pipeline planned: a worker whose code, libraries or
-    spec differ would build another artifact than the pipeline waits for, so it refuses."""
+    `fingerprint` is the one the calling pipeline planned, with the devices it planned for
+    (`gpu_device`, `data_device`): a worker whose code, libraries or spec differ would build
+    another artifact than the pipeline waits for, so it refuses."""
     run = prepare_run(spec_path, store, only=stage, force=[stage] if force else [], override=override,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, placement=Placement(gpu=gpu_device, data=data_device))
     item = run.stages[0]
     if fingerprint and item.fingerprint != fingerprint:
         raise StageError(f"stage {stage!r} has fingerprint {item.fingerprint} on this worker, but the pipeline "

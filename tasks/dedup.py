@@ -17,6 +17,7 @@ choice (the first seen for exact, the cluster root for MinHash).
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
@@ -37,10 +38,12 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
-from data_specs.spec import NearDedupSpec, RunSpec
-from tasks.engine import run_pipeline, step_counts
-from tasks.stage import Inputs, Metrics, Stage
-from tasks.store import link_tree
+from data_specs.schema import DedupSpec, ExecutorSpec, NearDedupSpec
+from tasks.data.engine import run_pipeline, step_counts
+from tasks.core.artifacts import Documents
+from tasks.core.jsonl import write_jsonl
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.core.store import link_tree
 
 MAX_HASHES = 128  # bands x rows; datatrove's default is 14 x 8 = 112
 
@@ -134,75 +137,73 @@ def _removed(folder: Path, key_of, kept: dict[str, str], kind: str) -> list[dict
     return rows
 
 
-def exact_dedup(spec: RunSpec, source: Path, work: Path) -> tuple[Path, list[dict[str, str]], int]:
+def exact_dedup(source: Path, work: Path, executor: ExecutorSpec) -> tuple[Path, list[dict[str, str]], int]:
     """datatrove's three exact-dedup steps; returns (kept folder, removed rows, documents in)."""
     config = ExactDedupConfig(content_getter=document_text)
     root = work / "exact"
     stats = run_pipeline([_reader(source), ExactDedupSignature(str(root / "sigs"), config)],
-                         "exact-1-signature", work, spec.executor)
+                         "exact-1-signature", work, executor)
     documents_in = step_counts(stats, 0).get("documents", 0)
     run_pipeline([ExactFindDedups(str(root / "sigs"), str(root / "dups"), config)],
-                 "exact-2-find", work, spec.executor, tasks=1)
+                 "exact-2-find", work, executor, tasks=1)
     run_pipeline([_reader(source), ExactDedupFilter(str(root / "dups"), config, exclusion_writer=_writer(root / "removed")),
                   KeyIndex(root / "kept_index", exact_kept_key), _writer(root / "kept")],
-                 "exact-3-filter", work, spec.executor)
+                 "exact-3-filter", work, executor)
     removed = _removed(root / "removed", text_hash, _read_index(root / "kept_index"), "exact")
     return root / "kept", removed, documents_in
 
 
-def near_dedup(spec: RunSpec, source: Path, work: Path) -> tuple[Path, list[dict[str, str]], int]:
+def near_dedup(cfg: DedupSpec, source: Path, work: Path, executor: ExecutorSpec) -> tuple[Path, list[dict[str, str]], int]:
     """datatrove's four MinHash steps; returns (kept folder, removed rows, documents in)."""
-    config = minhash_config(spec.dedup.near)
+    config = minhash_config(cfg.near.unwrap())
     root = work / "minhash"
-    stats = run_pipeline([_reader(source), MinhashDedupSignature(str(root / "sigs"), config, language=spec.dedup.language)],
-                         "minhash-1-signature", work, spec.executor)
+    stats = run_pipeline([_reader(source), MinhashDedupSignature(str(root / "sigs"), config, language=cfg.language)],
+                         "minhash-1-signature", work, executor)
     documents_in = step_counts(stats, 0).get("documents", 0)
     run_pipeline([MinhashDedupBuckets(str(root / "sigs"), str(root / "buckets"), config=config)],
-                 "minhash-2-buckets", work, spec.executor, tasks=config.num_buckets)
+                 "minhash-2-buckets", work, executor, tasks=config.num_buckets)
     run_pipeline([MinhashDedupCluster(str(root / "buckets"), str(root / "clusters"), config=config, save_cluster_id=True)],
-                 "minhash-3-cluster", work, spec.executor, tasks=1)
+                 "minhash-3-cluster", work, executor, tasks=1)
     run_pipeline([_reader(source),
                   MinhashDedupFilter(str(root / "clusters"), exclusion_writer=_writer(root / "removed"), load_cluster_ids=True),
                   KeyIndex(root / "kept_index", near_key), _writer(root / "kept")],
-                 "minhash-4-filter", work, spec.executor)
+                 "minhash-4-filter", work, executor)
     removed = _removed(root / "removed", near_key, _read_index(root / "kept_index"), "near")
     return root / "kept", removed, documents_in
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+@dataclass(frozen=True)
+class DedupInputs:
+    documents: Documents
+
+
+def build(cfg: DedupSpec, inputs: DedupInputs, out: Path, ctx: RunContext) -> Metrics:
     """Runs the enabled dedup passes in order and writes the survivors and the removed ids."""
-    current = inputs["ingest"] / "documents"
+    work = ctx.work
+    current = inputs.documents.folder
     removed: list[dict[str, str]] = []
     documents_in = None
-    if spec.dedup.exact:
-        current, rows, n = exact_dedup(spec, current, work)
+    if cfg.exact:
+        current, rows, n = exact_dedup(current, work, ctx.executor)
         removed += rows
         documents_in = n
-    if spec.dedup.near is not None:
-        current, rows, n = near_dedup(spec, current, work)
+    if cfg.near is not None:
+        current, rows, n = near_dedup(cfg, current, work, ctx.executor)
         removed += rows
         documents_in = n if documents_in is None else documents_in
-    (out / "documents").mkdir()
-    link_tree(current, out / "documents")
+    Documents.folder_in(out).mkdir()
+    link_tree(current, Documents.folder_in(out))
     if (work / "logs").exists():  # datatrove's per-step stats and task logs
         link_tree(work / "logs", out / "logs")
-    with (out / "removed.jsonl").open("w", encoding="utf-8") as f:
-        for row in removed:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl(out / "removed.jsonl", removed)
     exact = sum(r["kind"] == "exact" for r in removed)
     near = sum(r["kind"] == "near" for r in removed)
     if documents_in is None:  # neither pass enabled: the documents pass through unchanged
         documents_in = sum(1 for _ in _reader(current).run(None))
     return {"documents_in": documents_in, "documents_out": documents_in - exact - near,
             "exact_duplicates": exact, "near_duplicates": near,
-            "minhash": None if spec.dedup.near is None else dict(zip(("bands", "rows"), lsh_bands(spec.dedup.near.threshold)))}
+            "minhash": None if cfg.near is None else dict(zip(("bands", "rows"), lsh_bands(cfg.near.threshold)))}
 
 
-STAGE = Stage(
-    name="dedup",
-    needs=("ingest",),
-    build=build,
-    spec_view=lambda spec: {"dedup": spec.dedup.cache_view(), "executor.tasks": spec.executor.tasks},
-    libs=("datatrove", "xxhash", "spacy"),
-    module=__name__,
-)
+STAGE = Stage("dedup", build, output=Documents, inputs=DedupInputs, section="dedup", uses_executor=True,
+              libs=("spacy", "xxhash"))

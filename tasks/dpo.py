@@ -1,6 +1,6 @@
 """dpo: direct preference optimisation of the SFT model: right answers over its own wrong ones.
 
-Reads:   the sft artifact's model/ and the qa artifact's train.jsonl.
+Reads:   a model (the SFT one) and Q&A pairs (the train split, without paraphrases).
 Writes:  preferences.jsonl (prompt, chosen, rejected, how the rejected answer was made, the SFT
          answer's F1), adapter/ (with LoRA), model/ (merged), lineage.json.
 Metrics: reward_accuracy_final, reward_margin_final, reward_margin_initial, loss_final,
@@ -19,32 +19,35 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from data_specs.spec import RunSpec
+from data_specs.schema import DPOSpec
 from eval.generate import generate
 from eval.metrics import token_f1
 from eval.prompts import chat
-from tasks.finetune import history, load_model, lora_config, save_models, write_history, train, trainer_kwargs
-from tasks.sft import read_pairs
-from tasks.stage import Inputs, Metrics, Stage
+from tasks.core.artifacts import Model, Pairs
+from tasks.core.jsonl import write_jsonl
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.train.finetune import (finetune_resolution, history, lora_config, save_models, train, trainer_kwargs,
+                                  write_history)
 
 # Final / initial values of noisy per-step logs: the mean over this share of the steps at each end.
 WINDOW = 0.2
 
 
-def preference_pairs(spec: RunSpec, pairs: list[dict], own: list[str]) -> list[dict[str, Any]]:
+def preference_pairs(cfg: DPOSpec, pairs: list[dict], own: list[str]) -> list[dict[str, Any]]:
     """One preference pair per train pair (see the module docstring for the rejected answer)."""
-    rng = random.Random(spec.dpo.seed)
+    rng = random.Random(cfg.seed)
     by_doc: dict[str, list[dict]] = defaultdict(list)
     for p in pairs:
         by_doc[p["doc_id"]].append(p)
     out = []
     for pair, answer in zip(pairs, own):
         f1 = token_f1(answer, [pair["answer"]])
-        if answer.strip() and f1 < spec.dpo.rejected_f1_threshold:
+        if answer.strip() and f1 < cfg.rejected_f1_threshold:
             rejected, source = answer, "sft_answer"
         else:
             same = [p["answer"] for p in by_doc[pair["doc_id"]] if p["answer"] != pair["answer"]]
@@ -67,33 +70,36 @@ def _window_mean(values: list[float], last: bool) -> float | None:
     return mean(values[-n:] if last else values[:n])
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+@dataclass(frozen=True)
+class DPOInputs:
+    model: Model
+    pairs: Pairs
+
+
+def build(cfg: DPOSpec, inputs: DPOInputs, out: Path, ctx: RunContext) -> Metrics:
     """Builds the preference pairs and trains with TRL's DPOTrainer."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    cfg = spec.dpo
-    model, tokenizer = load_model(inputs["sft"] / "model", spec.trust_remote_code)
+    model, tokenizer = inputs.model.load(ctx.trust_remote_code)
     max_length = cfg.max_length or model.config.max_position_embeddings
-    pairs = [p for p in read_pairs(inputs["qa"] / "train.jsonl") if "paraphrase_of" not in p]
+    pairs = inputs.pairs.train(originals_only=True)
     if cfg.max_pairs is not None and len(pairs) > cfg.max_pairs:
         pairs = random.Random(cfg.seed).sample(pairs, cfg.max_pairs)
     own = [g.text for g in generate(model, tokenizer, [chat(p["question"]) for p in pairs], cfg.max_new_tokens)]
-    prefs = preference_pairs(spec, pairs, own)
-    with (out / "preferences.jsonl").open("w", encoding="utf-8") as f:
-        for row in prefs:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    prefs = preference_pairs(cfg, pairs, own)
+    write_jsonl(out / "preferences.jsonl", prefs)
 
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in prefs])
     peft = lora_config(cfg.lora, model, "dpo") if cfg.lora else None
-    args = DPOConfig(**trainer_kwargs(cfg, work, max_length), beta=cfg.beta, loss_type=[cfg.loss_type])
+    args = DPOConfig(**trainer_kwargs(cfg, ctx, max_length), beta=cfg.beta, loss_type=[cfg.loss_type])
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
-    resumed = train(trainer, work, "dpo", time_limit=spec.resources.dpo.time_limit)
+    resumed = train(trainer, ctx.work, "dpo", time_limit=ctx.resources.time_limit)
 
     lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
-    write_history(trainer, out / "loss_curve.csv")
-    lineage.update({"base_model": "sft artifact (model/)",
+    write_history(trainer, out / Model.CURVE)
+    lineage.update({"base_model": f"{inputs.model.stage} artifact {inputs.model.fingerprint}",
                     "reference_model": "the sft model with the adapter disabled" if cfg.lora else
                     "a frozen copy of the sft model"})
     (out / "lineage.json").write_text(json.dumps(lineage, indent=2))
@@ -107,11 +113,5 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             "lineage": lineage}
 
 
-STAGE = Stage(
-    name="dpo",
-    needs=("sft", "qa"),
-    build=build,
-    spec_view=lambda spec: {"dpo": spec.dpo.cache_view()},
-    libs=("torch", "transformers", "trl", "peft", "accelerate"),
-    module=__name__,
-)
+STAGE = Stage("dpo", build, output=Model, inputs=DPOInputs, section="dpo", gpu=True, resolve=finetune_resolution,
+              libs=("accelerate",))

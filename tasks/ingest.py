@@ -22,14 +22,15 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers import JsonlWriter
 
-from data_specs.spec import Filters, JsonlSource, RunSpec
-from tasks.engine import run_pipeline, step_counts
-from tasks.errors import InputError
-from tasks.fingerprint import file_digest
-from tasks.python_docs import corpus_version, write_python_docs
-from tasks.readers import SourceFile, SourceReader, record_byte_limit, refusal, source_files
-from tasks.stage import Inputs, Metrics, Stage
-from tasks.store import link_tree
+from data_specs.errors import InputError
+from data_specs.schema import CorpusSpec, Filters, JsonlSource, RunSpec, Source
+from tasks.core.artifacts import Documents
+from tasks.core.fingerprint import file_digest
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.core.store import link_tree
+from tasks.data.engine import run_pipeline, step_counts
+from tasks.data.python_docs import corpus_version, write_python_docs
+from tasks.data.readers import SourceFile, SourceReader, record_byte_limit, refusal, source_files
 
 # Unicode spaces (NBSP, thin space, ...) become plain spaces; other control characters go.
 _SPACES = re.compile(r"[^\S\n\t]")
@@ -95,15 +96,15 @@ class IngestFilter(BaseFilter):
         return verdict
 
 
-def _source_inputs(spec: RunSpec) -> list[tuple[int, object, list[SourceFile]]]:
+def _source_inputs(sources: tuple[Source, ...], spec_path: Path) -> list[tuple[int, Source, list[SourceFile]]]:
     """Every source with its files (python_docs has none until it is generated)."""
-    return [(i, src, source_files(spec, i, src)) for i, src in enumerate(spec.corpus.sources)]
+    return [(i, src, source_files(spec_path, i, src)) for i, src in enumerate(sources)]
 
 
 def external_inputs(spec: RunSpec) -> dict[str, str]:
     """Content digests of every source file (names relative to their source folder)."""
     digests = {}
-    for i, src, files in _source_inputs(spec):
+    for i, src, files in _source_inputs(spec.corpus.sources, spec.spec_path):
         if src.kind == "python_docs":
             digests[f"{i}:python_docs"] = corpus_version()
         for f in files:
@@ -118,10 +119,12 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
     return digests
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+def build(cfg: CorpusSpec, inputs: None, out: Path, ctx: RunContext) -> Metrics:
     """Reads every source through datatrove and writes the kept documents and the rejects."""
-    sources = _source_inputs(spec)
-    limit = record_byte_limit(spec.corpus.filters.max_chars)
+    work = ctx.work
+    sources = _source_inputs(tuple(s.unwrap() for s in cfg.sources), ctx.spec_path)
+    filters = cfg.filters.unwrap()
+    limit = record_byte_limit(filters.max_chars)
     readers = []
     for i, src, files in sources:
         if src.kind == "python_docs":
@@ -131,9 +134,9 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             files = [SourceFile(generated, f"{i}:python_docs", work)]
             src = JsonlSource(kind="jsonl", path=str(generated), text_field="text", id_field="id")
         readers.append(SourceReader(src, files, i, limit))
-    pipeline = [*readers, Normalize(), IngestFilter(spec.corpus.filters, work / "rejects"),
+    pipeline = [*readers, Normalize(), IngestFilter(filters, work / "rejects"),
                 JsonlWriter(str(work / "documents"), output_filename="${rank}.jsonl.gz")]
-    stats = run_pipeline(pipeline, "ingest", work, spec.executor)
+    stats = run_pipeline(pipeline, "ingest", work, ctx.executor)
     counts = step_counts(stats, len(readers) + 1)
     metrics = {
         "documents_in": counts.get("total", 0),
@@ -148,21 +151,14 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     for s in metrics["sources"]:
         if s["kept"] == 0:
             why = "it holds no records" if s["read"] == 0 else f"all {s['read']} records were rejected"
-            raise InputError(f"{spec.spec_path}: corpus.sources.{s['source']} ({s['kind']}): no documents kept: "
+            raise InputError(f"{ctx.spec_path}: corpus.sources.{s['source']} ({s['kind']}): no documents kept: "
                              f"{why} (reasons: {metrics['rejected_by_reason'] or 'none'})")
-    for folder in ("documents", "rejects", "logs"):
+    for folder in (Documents.FOLDER, "rejects", "logs"):
         (out / folder).mkdir()
         if (work / folder).exists():
             link_tree(work / folder, out / folder)
     return metrics
 
 
-STAGE = Stage(
-    name="ingest",
-    needs=(),
-    build=build,
-    spec_view=lambda spec: {"corpus": spec.corpus.cache_view(), "executor.tasks": spec.executor.tasks},
-    external_inputs=external_inputs,
-    libs=("datatrove", "pyarrow", "datasets"),
-    module=__name__,
-)
+STAGE = Stage("ingest", build, output=Documents, section="corpus", external_inputs=external_inputs,
+              uses_executor=True)

@@ -1,8 +1,7 @@
 """midtrain: the pretrained model trains further on documents mixed with Q&A pairs as text.
 
-Reads:   the pretrain artifact (model + tokenizer), the dedup artifact's documents/, and the
-         qa artifact's train.jsonl.
-Writes:  the model (safetensors) and tokenizer, loss_curve.csv, and mixture.json (the weights,
+Reads:   a model (with its tokenizer), documents (the corpus) and Q&A pairs (the train split).
+Writes:  model/ (safetensors and tokenizer), loss_curve.csv, and mixture.json (the weights,
          the blocks drawn from each source, and how many each source had).
 Metrics: those of the training loop (tasks/training.py), as for pretrain, plus the mixture.
 Alone:   gristmill run SPEC --only midtrain
@@ -17,28 +16,23 @@ pretrain's (tasks/training.py).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from data_specs.spec import RunSpec
-from tasks.distributed import run_or_launch
-from tasks.documents import iter_documents
-from tasks.errors import InputError
-from tasks.lm_data import is_validation, pack, split_by_document
-from tasks.loading import load_causal_lm, load_tokenizer
-from tasks.stage import Inputs, Metrics, Stage
-from tasks.training import Dist, check_time_limit, pick_device, save_trained, train_loop
+from data_specs.errors import InputError
+from data_specs.schema import MidtrainSpec
+from tasks.core.artifacts import Documents, Model, Pairs
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.train.distributed import run_or_launch
+from tasks.train.lm_data import is_validation, pack, split_by_document
+from tasks.train.loop import Dist, check_time_limit, loop_resolution, pick_device, save_trained, train_loop
 
 
 def qa_text(question: str, answer: str) -> str:
     """How a Q&A pair reads in the mid-training mixture."""
     return f"Question: {question}\nAnswer: {answer}"
-
-
-def read_qa(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def draw(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -51,11 +45,18 @@ def draw(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return blocks[order]
 
 
-def mixture(spec: RunSpec, inputs: Inputs, tokenizer, block: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+@dataclass(frozen=True)
+class MidtrainInputs:
+    model: Model
+    documents: Documents
+    pairs: Pairs
+
+
+def mixture(cfg: MidtrainSpec, inputs: MidtrainInputs, tokenizer, block: int,
+            where: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(train blocks, validation blocks, manifest) of the documents + Q&A mixture."""
-    cfg = spec.midtrain
-    doc_train, doc_val = split_by_document(iter_documents(inputs["dedup"] / "documents"), cfg.val_fraction, cfg.seed)
-    pairs = read_qa(inputs["qa"] / "train.jsonl")
+    doc_train, doc_val = split_by_document(inputs.documents, cfg.val_fraction, cfg.seed)
+    pairs = inputs.pairs.train()
     qa_train = [qa_text(p["question"], p["answer"]) for p in pairs if not is_validation(p["id"], cfg.val_fraction, cfg.seed)]
     qa_val = [qa_text(p["question"], p["answer"]) for p in pairs if is_validation(p["id"], cfg.val_fraction, cfg.seed)]
     sources = {"docs": (pack(doc_train, tokenizer, block), pack(doc_val, tokenizer, block)),
@@ -63,7 +64,7 @@ def mixture(spec: RunSpec, inputs: Inputs, tokenizer, block: int) -> tuple[torch
     weights = {"docs": cfg.mix.docs, "qa": cfg.mix.qa}
     for name, (train, _) in sources.items():
         if weights[name] > 0 and len(train) == 0:
-            raise InputError(f"{spec.spec_path}: midtrain.mix.{name} is {weights[name]} but the {name} source "
+            raise InputError(f"{where}: midtrain.mix.{name} is {weights[name]} but the {name} source "
                              f"has no full block of {block} tokens; lower its weight to 0 or add data")
     total = sum(len(train) for train, _ in sources.values())
     share = {k: w / sum(weights.values()) for k, w in weights.items()}
@@ -71,36 +72,29 @@ def mixture(spec: RunSpec, inputs: Inputs, tokenizer, block: int) -> tuple[torch
     train = torch.cat([draw(sources[k][0], drawn[k], cfg.seed + i) for i, k in enumerate(sources)])
     val = torch.cat([sources[k][1] for k in sources if weights[k] > 0])
     if len(val) == 0:
-        raise InputError(f"{spec.spec_path}: midtrain: no validation block of {block} tokens; raise val_fraction")
+        raise InputError(f"{where}: midtrain: no validation block of {block} tokens; raise val_fraction")
     manifest = {"weights": weights, "blocks_drawn": drawn, "blocks_available": {k: len(v[0]) for k, v in sources.items()},
                 "validation_blocks": {k: len(v[1]) for k, v in sources.items()}, "block_tokens": block,
                 "qa_format": qa_text("{question}", "{answer}")}
     return train, val, manifest
 
 
-def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Metrics:
+def run(cfg: MidtrainSpec, inputs: MidtrainInputs, out: Path, ctx: RunContext, dist: Dist) -> Metrics:
     """The work of one process: the mixture, the loop; the main process saves the artifact."""
-    tokenizer = load_tokenizer(inputs["pretrain"], trust_remote_code=spec.trust_remote_code)
-    model = load_causal_lm(inputs["pretrain"], trust_remote_code=spec.trust_remote_code, dtype=torch.float32)
-    train, val, manifest = mixture(spec, inputs, tokenizer, model.config.max_position_embeddings)
-    result = train_loop(model, train, val, spec.midtrain, work, pick_device(dist), dist, label="midtrain",
-                        time_limit=spec.resources.midtrain.time_limit)
+    model, tokenizer = inputs.model.load(ctx.trust_remote_code)
+    train, val, manifest = mixture(cfg, inputs, tokenizer, model.config.max_position_embeddings, str(ctx.spec_path))
+    result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="midtrain",
+                        time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
+                        compile_model=ctx.resolved["compile"])
     if save_trained(model, tokenizer, result, out, dist):
         (out / "mixture.json").write_text(json.dumps(manifest, indent=2))
     return {**result.metrics, "mixture": manifest["blocks_drawn"]}
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
-    """Mid-trains the pretrained model on the mixture."""
-    return check_time_limit("midtrain", run_or_launch("midtrain", run, spec, inputs, out, work,
-                                                       spec.resources.midtrain.gpus))
+def build(cfg: MidtrainSpec, inputs: MidtrainInputs, out: Path, ctx: RunContext) -> Metrics:
+    """Mid-trains the model on the mixture."""
+    return check_time_limit("midtrain", run_or_launch("midtrain", run, cfg, inputs, out, ctx))
 
 
-STAGE = Stage(
-    name="midtrain",
-    needs=("pretrain", "dedup", "qa"),
-    build=build,
-    spec_view=lambda spec: {"midtrain": spec.midtrain.cache_view()},
-    libs=("torch", "transformers"),
-    module=__name__,
-)
+STAGE = Stage("midtrain", build, output=Model, inputs=MidtrainInputs, section="midtrain", gpu=True,
+              resolve=loop_resolution)

@@ -1,9 +1,9 @@
 """pretrain: a Llama-architecture causal LM, trained from scratch or continued from a checkpoint.
 
-Reads:   the dedup artifact's documents/ and the tokenizer artifact (or `pretrain.from`, a
-         local HF checkpoint folder, whose content enters the cache key).
-Writes:  model.safetensors + config.json + the tokenizer (loadable with plain
-         `AutoModelForCausalLM.from_pretrained(path)`), and loss_curve.csv.
+Reads:   documents (the corpus) and a tokenizer (or `pretrain.from`, a local HF checkpoint
+         folder, whose content enters the cache key).
+Writes:  model/ (safetensors + config + the tokenizer, loadable with plain
+         `AutoModelForCausalLM.from_pretrained`), and loss_curve.csv.
 Metrics: val_loss_initial, val_loss_final, val_perplexity_final, tokens_seen, tokens_per_s,
          mfu (GPU only, else null), wall_s, peak_memory_mb, resumed_from_step, ...
 Alone:   gristmill run SPEC --only pretrain
@@ -17,18 +17,19 @@ folder. With `resources.pretrain.gpus > 1` the loop runs in that many torchrun p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from data_specs.spec import PretrainSpec, RunSpec
-from tasks.distributed import run_or_launch
-from tasks.documents import iter_documents
-from tasks.errors import InputError
-from tasks.lm_data import packed_splits
-from tasks.loading import load_causal_lm, load_tokenizer
-from tasks.stage import Inputs, Metrics, Stage, content_digest
-from tasks.training import Dist, check_time_limit, pick_device, save_trained, train_loop
+from data_specs.errors import InputError
+from data_specs.schema import PretrainSpec
+from tasks.core.artifacts import Documents, Model, Tokenizer
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.train.distributed import run_or_launch
+from tasks.train.lm_data import packed_splits
+from tasks.train.loading import load_causal_lm
+from tasks.train.loop import Dist, check_time_limit, loop_resolution, pick_device, save_trained, train_loop
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
 
@@ -58,13 +59,12 @@ def new_model(spec: PretrainSpec, tokenizer) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def make_model(spec: RunSpec, tokenizer) -> tuple[torch.nn.Module, int]:
+def make_model(cfg: PretrainSpec, tokenizer, trust_remote_code: bool) -> tuple[torch.nn.Module, int]:
     """(model, block length): continued from `pretrain.from`, or new from the spec's dimensions."""
-    cfg = spec.pretrain
     if not cfg.from_:
         return new_model(cfg, tokenizer), cfg.model.dims()["context"]
-    path = spec.resolve(cfg.from_)
-    model = load_checkpoint(path, spec.trust_remote_code)
+    path = cfg.from_
+    model = load_checkpoint(path, trust_remote_code)
     if len(tokenizer) > model.config.vocab_size:
         raise InputError(f"pretrain.from: {path} has {model.config.vocab_size} embedding rows but the tokenizer "
                          f"has {len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.from)")
@@ -72,35 +72,29 @@ def make_model(spec: RunSpec, tokenizer) -> tuple[torch.nn.Module, int]:
     return model, block
 
 
-def run(spec: RunSpec, inputs: Inputs, out: Path, work: Path, dist: Dist) -> Metrics:
+@dataclass(frozen=True)
+class PretrainInputs:
+    documents: Documents
+    tokenizer: Tokenizer
+
+
+def run(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext, dist: Dist) -> Metrics:
     """The work of one process: data, model, loop; the main process saves the artifact."""
-    tokenizer = load_tokenizer(inputs["tokenizer"], trust_remote_code=spec.trust_remote_code)
-    model, block = make_model(spec, tokenizer)
-    train, val = packed_splits(iter_documents(inputs["dedup"] / "documents"), tokenizer, block,
-                               spec.pretrain.val_fraction, spec.pretrain.seed, f"{spec.spec_path}: pretrain")
-    result = train_loop(model, train, val, spec.pretrain, work, pick_device(dist), dist, label="pretrain",
-                        time_limit=spec.resources.pretrain.time_limit)
+    tokenizer = inputs.tokenizer.load(ctx.trust_remote_code)
+    model, block = make_model(cfg, tokenizer, ctx.trust_remote_code)
+    train, val = packed_splits(inputs.documents, tokenizer, block, cfg.val_fraction, cfg.seed,
+                               f"{ctx.spec_path}: pretrain")
+    result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="pretrain",
+                        time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
+                        compile_model=ctx.resolved["compile"])
     save_trained(model, tokenizer, result, out, dist)
     return result.metrics
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+def build(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext) -> Metrics:
     """Trains the model and writes it with its tokenizer and loss curve."""
-    return check_time_limit("pretrain", run_or_launch("pretrain", run, spec, inputs, out, work,
-                                                       spec.resources.pretrain.gpus))
+    return check_time_limit("pretrain", run_or_launch("pretrain", run, cfg, inputs, out, ctx))
 
 
-def external_inputs(spec: RunSpec) -> dict[str, str]:
-    """The content of a `pretrain.from` checkpoint (nothing when training from scratch)."""
-    return content_digest(spec, "pretrain.from", spec.pretrain.from_)
-
-
-STAGE = Stage(
-    name="pretrain",
-    needs=("dedup", "tokenizer"),
-    build=build,
-    spec_view=lambda spec: {"pretrain": spec.pretrain.cache_view()},
-    external_inputs=external_inputs,
-    libs=("torch", "transformers"),
-    module=__name__,
-)
+STAGE = Stage("pretrain", build, output=Model, inputs=PretrainInputs, section="pretrain", gpu=True,
+              resolve=loop_resolution)

@@ -1,7 +1,7 @@
 """qa: documents become question-answer pairs with provenance, split into train and eval.
 
-Reads:   the dedup artifact's documents/ (and `eval.questions`, a reviewer's file, when set;
-         `qa.model.path` for the model generator).
+Reads:   documents (the corpus), and `eval.questions` (a reviewer's file) when set;
+         `qa.model.path` for the model generator.
 Writes:  train.jsonl and eval.jsonl (id, question, answer, doc_id, span, generator, split; eval
          lines also carry `answers`, paraphrases `paraphrase_of`) and rejects.jsonl (every
          candidate pair not kept, with its reason).
@@ -20,56 +20,57 @@ every generated pair is train, less those matching one of the reviewer's questio
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_specs.spec import RunSpec
+from data_specs.errors import InputError
+from data_specs.schema import QASpec
 from eval.questions import load_questions
-from tasks.documents import iter_documents
-from tasks.lm_data import hash_unit
-from tasks.errors import InputError
-from tasks.qa_common import Pair, normalize_question, reject_reason
-from tasks.stage import Inputs, Metrics, Stage, content_digest, shared_cache
+from tasks.core.artifacts import Documents, Pairs
+from tasks.core.jsonl import write_jsonl
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.qagen.common import Pair, normalize_question, reject_reason
+from tasks.train.lm_data import hash_unit
 
 
 def pair_id(pair: Pair) -> str:
     return hashlib.sha1(f"{pair.doc_id}\0{pair.question}".encode()).hexdigest()[:12]
 
 
-def _candidates(spec: RunSpec, docs: list[dict], work: Path, stats: dict[str, int]):
+def _candidates(cfg: QASpec, docs: list[dict], ctx: RunContext, stats: dict[str, int]):
     """(candidate pairs, paraphrase function) of the spec's generator."""
-    cfg = spec.qa
     if cfg.generator == "rule":
-        from tasks.qa_rules import paraphrases, rule_pairs
+        from tasks.qagen.rules import paraphrases, rule_pairs
 
         return [p for d in docs for p in rule_pairs(str(d["id"]), d["text"])], paraphrases
     if cfg.generator == "model":
-        from tasks.qa_model import generate_pairs
+        from tasks.qagen.model import generate_pairs
 
-        pairs = list(generate_pairs(docs, spec.resolve(cfg.model.path), cfg.model, cfg.per_doc, stats,
-                                    spec.trust_remote_code))
+        pairs = list(generate_pairs(docs, cfg.model.path, cfg.model, cfg.per_doc, stats, ctx.trust_remote_code))
         return pairs, lambda pair, k: []  # a small local model cannot reword reliably
-    from tasks.qa_openai import ChatClient, generate_pairs, paraphrase_questions, resolve_api_key
+    from tasks.qagen.openai_client import ChatClient, resolve_api_key
+    from tasks.qagen.openai_generator import generate_pairs, paraphrase_questions
 
-    client = ChatClient(cfg.openai, resolve_api_key(cfg.openai), shared_cache(work) / "openai")
+    client = ChatClient(cfg.openai, resolve_api_key(ctx.runtime.openai), ctx.shared_cache() / "openai",
+                        runtime=ctx.runtime.openai)
     pairs = list(generate_pairs(docs, client, cfg.per_doc, cfg.openai.chunk_chars))
     stats.update({f"openai_{k}": v for k, v in client.stats.items()})
     return pairs, lambda pair, k: paraphrase_questions([pair.question], client, k)[0]
 
 
-def _filter(pairs: list[Pair], spec: RunSpec, rejects: list[dict]) -> list[Pair]:
+def _filter(pairs: list[Pair], cfg: QASpec, rejects: list[dict]) -> list[Pair]:
     """Quality filters, one pair per (document, question), at most per_doc pairs per document."""
     kept, per_doc, seen = [], Counter(), set()
     for pair in pairs:
-        reason = reject_reason(pair, spec.qa.min_answer_chars, spec.qa.max_answer_chars)
+        reason = reject_reason(pair, cfg.min_answer_chars, cfg.max_answer_chars)
         if reason is None and pair.span is None:
             reason = "answer_not_in_document"  # generated, not copied: nothing grounds it
         key = (pair.doc_id, normalize_question(pair.question))
         if reason is None and key in seen:
             reason = "duplicate_question"
-        if reason is None and per_doc[pair.doc_id] >= spec.qa.per_doc:
+        if reason is None and per_doc[pair.doc_id] >= cfg.per_doc:
             reason = "over_per_doc_cap"
         if reason:
             rejects.append({**_row(pair, "rejected"), "reason": reason})
@@ -85,27 +86,32 @@ def _row(pair: Pair, split: str, **extra: Any) -> dict[str, Any]:
             "span": list(pair.span) if pair.span else None, "generator": pair.generator, "split": split, **extra}
 
 
-def _split(pairs: list[Pair], spec: RunSpec) -> tuple[list[Pair], list[dict[str, Any]]]:
+def _split(pairs: list[Pair], cfg: QASpec, reviewer: Path | None) -> tuple[list[Pair], list[dict[str, Any]]]:
     """(train pairs, eval rows): held out by the spec, or the reviewer's questions."""
-    if spec.eval.questions:
-        questions = load_questions(spec.resolve(spec.eval.questions))
+    if reviewer:
+        questions = load_questions(reviewer)
         return pairs, [{"id": q.id, "question": q.question, "answer": q.answers[0], "answers": list(q.answers),
                         "doc_id": q.doc_id, "span": None, "generator": "reviewer", "split": "eval"} for q in questions]
     train, held = [], []
     for pair in pairs:
-        key = normalize_question(pair.question) if spec.qa.split_by == "question" else pair.doc_id
-        (held if hash_unit(spec.qa.seed, key) < spec.qa.eval_fraction else train).append(pair)
+        key = normalize_question(pair.question) if cfg.split_by == "question" else pair.doc_id
+        (held if hash_unit(cfg.seed, key) < cfg.eval_fraction else train).append(pair)
     return train, [_row(p, "eval", answers=[p.answer]) for p in held]
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+@dataclass(frozen=True)
+class QAInputs:
+    documents: Documents
+
+
+def build(cfg: QASpec, inputs: QAInputs, out: Path, ctx: RunContext) -> Metrics:
     """Generates, filters, splits, decontaminates and paraphrases; writes the three files."""
-    docs = list(iter_documents(inputs["dedup"] / "documents"))
+    docs = list(inputs.documents)
     stats: dict[str, int] = {}
-    candidates, paraphrase = _candidates(spec, docs, work, stats)
+    candidates, paraphrase = _candidates(cfg, docs, ctx, stats)
     rejects: list[dict[str, Any]] = []
-    kept = _filter(candidates, spec, rejects)
-    train_pairs, eval_rows = _split(kept, spec)
+    kept = _filter(candidates, cfg, rejects)
+    train_pairs, eval_rows = _split(kept, cfg, ctx.fields["eval.questions"])
 
     eval_questions = {normalize_question(r["question"]) for r in eval_rows}
     train_rows, decontaminated = [], 0
@@ -115,7 +121,7 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             rejects.append({**_row(pair, "rejected"), "reason": "matches_eval_question"})
             continue
         train_rows.append(_row(pair, "train"))
-        for i, question in enumerate(paraphrase(pair, spec.qa.paraphrases) if spec.qa.paraphrases else []):
+        for i, question in enumerate(paraphrase(pair, cfg.paraphrases) if cfg.paraphrases else []):
             if normalize_question(question) in eval_questions:
                 decontaminated += 1
                 continue
@@ -123,12 +129,10 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             train_rows.append({**row, "id": f"{pair_id(pair)}-p{i + 1}", "paraphrase_of": pair_id(pair)})
     if not train_rows:
         reasons = Counter(r["reason"] for r in rejects)
-        raise InputError(f"{spec.spec_path}: qa ({spec.qa.generator}): no training pairs kept from "
+        raise InputError(f"{ctx.spec_path}: qa ({cfg.generator}): no training pairs kept from "
                          f"{len(docs)} documents (rejected: {dict(reasons) or 'none'})")
-    for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows), ("rejects.jsonl", rejects)):
-        with (out / name).open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for name, rows in ((Pairs.TRAIN, train_rows), (Pairs.EVAL, eval_rows), (Pairs.REJECTS, rejects)):
+        write_jsonl(out / name, rows)
     return {
         "documents": len(docs), "pairs_generated": len(candidates), "pairs_kept": len(kept),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
@@ -138,19 +142,4 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
     }
 
 
-def external_inputs(spec: RunSpec) -> dict[str, str]:
-    """The reviewer's question file and the generator model folder, by content."""
-    model = spec.qa.model.path if spec.qa.generator == "model" else None
-    return {**content_digest(spec, "eval.questions", spec.eval.questions, kind="file"),
-            **content_digest(spec, "qa.model.path", model)}
-
-
-STAGE = Stage(
-    name="qa",
-    needs=("dedup",),
-    build=build,
-    spec_view=lambda spec: {"qa": spec.qa.cache_view()},
-    external_inputs=external_inputs,
-    libs=("transformers",),
-    module=__name__,
-)
+STAGE = Stage("qa", build, output=Pairs, inputs=QAInputs, section="qa", fields=("eval.questions",))

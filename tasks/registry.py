@@ -1,32 +1,27 @@
-"""The pipeline's stages in order. A new stage is one module in tasks/ plus one line here."""
+"""The pipeline, in one place: every stage and, by role, the artifacts it reads.
 
-from data_specs.spec import RunSpec
+Read it like a script. Each line wires one stage (a module in tasks/) to earlier bindings: a
+stage's name, or the name an earlier line `provides`. "corpus" is the documents every consumer
+trains and retrieves from; a data filter inserted after dedup takes it over in one line:
+
+    Wire(quality.STAGE, documents="corpus", provides="corpus"),
+
+The graph is checked when this module is imported (tasks/core/graph.py): known sections, each
+stage once, every role bound to an earlier stage that makes the right kind of artifact.
+"""
+
 from tasks import dedup, dpo, evaluate, index, ingest, midtrain, pretrain, qa, sft, tokenizer
-from tasks.errors import InputError
-from tasks.stage import Stage
+from tasks.core.graph import Graph, Wire
 
-STAGES: tuple[Stage, ...] = (ingest.STAGE, dedup.STAGE, tokenizer.STAGE, pretrain.STAGE, qa.STAGE, midtrain.STAGE, sft.STAGE, dpo.STAGE,
-                                 index.STAGE, evaluate.STAGE)
-
-
-# The stages that train or run a model. Under `gristmill run --gpu-deployment` they run as flow
-# runs of the one-stage deployment on the GPU work pool; the data stages stay on the CPU pool.
-GPU_STAGES: frozenset[str] = frozenset({"pretrain", "midtrain", "sft", "dpo", "eval"})
-
-
-def gpu_count(spec: RunSpec, name: str) -> int:
-    """GPUs a stage asks its work pool for: the spec's `resources.<stage>.gpus`, else 1."""
-    return getattr(getattr(spec.resources, name, None), "gpus", 1)
-
-
-def stage_names() -> list[str]:
-    """Names of every stage, in pipeline order."""
-    return [s.name for s in STAGES]
-
-
-def get_stage(name: str) -> Stage:
-    """The stage called `name`; an unknown name is bad input that lists the known ones."""
-    for stage in STAGES:
-        if stage.name == name:
-            return stage
-    raise InputError(f"unknown stage {name!r}; stages are: {', '.join(stage_names())}")
+PIPELINE = Graph(
+    Wire(ingest.STAGE),
+    Wire(dedup.STAGE, documents="ingest", provides="corpus"),
+    Wire(tokenizer.STAGE, documents="corpus"),
+    Wire(pretrain.STAGE, documents="corpus", tokenizer="tokenizer"),
+    Wire(qa.STAGE, documents="corpus"),
+    Wire(midtrain.STAGE, model="pretrain", documents="corpus", pairs="qa"),
+    Wire(sft.STAGE, model="midtrain", pairs="qa", documents="corpus"),
+    Wire(dpo.STAGE, model="sft", pairs="qa"),
+    Wire(index.STAGE, documents="corpus"),
+    Wire(evaluate.STAGE, finetuned="dpo", base="pretrain", pairs="qa", index="index"),
+)

@@ -1,7 +1,7 @@
 """sft: supervised fine-tuning of the midtrained model on the train Q&A pairs in chat form.
 
-Reads:   the midtrain artifact (model + tokenizer), the qa artifact's train.jsonl, and the dedup
-         artifact's documents/ (passages for grounded examples).
+Reads:   a model (with its tokenizer), Q&A pairs (the train split) and documents (the
+         passages of grounded examples).
 Writes:  adapter/ (with LoRA), model/ (merged, loadable with plain transformers), and
          examples_sample.jsonl (the first examples as trained, to read).
 Metrics: train_loss_final, val_loss_final, tokens_per_s, answer_f1_before, answer_f1_after,
@@ -20,25 +20,21 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-import torch
-
-from data_specs.spec import RunSpec
+from data_specs.schema import SFTSpec
 from eval.generate import generate
 from eval.metrics import token_f1
 from eval.prompts import chat
-from tasks.documents import iter_documents
-from tasks.finetune import history, load_model, lora_config, save_models, write_history, tokens_per_second, train, trainer_kwargs
-from tasks.lm_data import hash_unit, is_validation
-from tasks.stage import Inputs, Metrics, Stage
-
-
-def read_pairs(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from tasks.core.artifacts import Documents, Model, Pairs
+from tasks.core.jsonl import write_jsonl
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.train.finetune import (finetune_resolution, history, lora_config, save_models, tokens_per_second, train,
+                                  trainer_kwargs, write_history)
+from tasks.train.lm_data import hash_unit, is_validation
 
 
 def passage(text: str, span: list[int] | None, chars: int, rng: random.Random) -> str:
@@ -51,9 +47,8 @@ def passage(text: str, span: list[int] | None, chars: int, rng: random.Random) -
     return text[start:start + chars]
 
 
-def examples(spec: RunSpec, pairs: list[dict], docs: dict[str, str], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+def examples(cfg: SFTSpec, pairs: list[dict], docs: dict[str, str], tokenizer, max_length: int) -> tuple[list[dict], dict]:
     """Chat examples; a context_fraction of them grounded in passages (RAFT)."""
-    cfg = spec.sft
     rng = random.Random(cfg.seed)
     ids = sorted(docs)
     out, counts = [], {"grounded": 0, "grounded_too_long": 0}
@@ -87,42 +82,47 @@ def fixed_sample(pairs: list[dict], n: int, seed: int) -> list[dict]:
     return sorted(pairs, key=lambda p: hash_unit(seed, p["id"]))[:n]
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+@dataclass(frozen=True)
+class SFTInputs:
+    model: Model
+    pairs: Pairs
+    documents: Documents
+
+
+def build(cfg: SFTSpec, inputs: SFTInputs, out: Path, ctx: RunContext) -> Metrics:
     """Fine-tunes with TRL and writes the adapter and the merged model."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    cfg = spec.sft
-    model, tokenizer = load_model(inputs["midtrain"], spec.trust_remote_code)
+    model, tokenizer = inputs.model.load(ctx.trust_remote_code)
     max_length = cfg.max_length or model.config.max_position_embeddings
-    pairs = read_pairs(inputs["qa"] / "train.jsonl")
-    docs = {str(d["id"]): d["text"] for d in iter_documents(inputs["dedup"] / "documents")}
+    pairs = inputs.pairs.train()
+    docs = inputs.documents.texts_by_id()
     sample = fixed_sample([p for p in pairs if "paraphrase_of" not in p], cfg.answer_sample, cfg.seed)
     f1_before = answer_f1(model, tokenizer, sample, cfg.max_new_tokens)
 
-    rows, counts = examples(spec, pairs, docs, tokenizer, max_length)
+    rows, counts = examples(cfg, pairs, docs, tokenizer, max_length)
     train_rows = [r for r in rows if not is_validation(r["id"], cfg.val_fraction, cfg.seed)]
     val_rows = [r for r in rows if is_validation(r["id"], cfg.val_fraction, cfg.seed)] or train_rows[:1]
     grounded = [r for r in train_rows if len(r["messages"][0]["content"]) > len(r["question"])]
-    with (out / "examples_sample.jsonl").open("w", encoding="utf-8") as f:
-        for row in grounded[:10] + [r for r in train_rows if r not in grounded][:10]:  # some of each kind
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(out / "examples_sample.jsonl", grounded[:10] + [r for r in train_rows if r not in grounded][:10])
 
     peft = lora_config(cfg.lora, model, "sft") if cfg.lora else None
-    packing = cfg.packing == "on" or (cfg.packing == "auto" and torch.cuda.is_available())
-    args = SFTConfig(**trainer_kwargs(cfg, work, max_length), packing=packing, assistant_only_loss=True)
+    packing = ctx.resolved["packing"]
+    args = SFTConfig(**trainer_kwargs(cfg, ctx, max_length), packing=packing, assistant_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
                          eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
-    resumed = train(trainer, work, "sft", time_limit=spec.resources.sft.time_limit)
+    resumed = train(trainer, ctx.work, "sft", time_limit=ctx.resources.time_limit)
     # None when no validation example kept an assistant token within max_length (TRL then
     # evaluates nothing and reports no loss); the stage's other metrics still stand.
     val_loss = trainer.evaluate().get("eval_loss")
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.epochs
     f1_after = answer_f1(trainer.model, tokenizer, sample, cfg.max_new_tokens)
     lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
-    write_history(trainer, out / "loss_curve.csv")
-    (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": "midtrain artifact"}, indent=2))
+    write_history(trainer, out / Model.CURVE)
+    (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": f"{inputs.model.stage} artifact "
+                                                  f"{inputs.model.fingerprint}"}, indent=2))
     return {"train_loss_final": history(trainer, "loss")[-1], "val_loss_final": val_loss,
             "tokens_per_s": tokens_per_second(trainer, tokens), "answer_f1_before": f1_before,
             "answer_f1_after": f1_after, "answer_sample": len(sample), "examples": len(train_rows),
@@ -130,11 +130,11 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             "steps": trainer.state.global_step, "lora": cfg.lora is not None, "packing": packing}
 
 
-STAGE = Stage(
-    name="sft",
-    needs=("midtrain", "qa", "dedup"),
-    build=build,
-    spec_view=lambda spec: {"sft": spec.sft.cache_view()},
-    libs=("torch", "transformers", "trl", "peft", "accelerate"),
-    module=__name__,
-)
+def resolve(cfg: SFTSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+    """The trainer's device and precision, and packing as it resolves there (`auto`: on with CUDA)."""
+    return {**finetune_resolution(cfg, runtime, resources, device),
+            "packing": cfg.packing == "on" or (cfg.packing == "auto" and device == "cuda")}
+
+
+STAGE = Stage("sft", build, output=Model, inputs=SFTInputs, section="sft", gpu=True, resolve=resolve,
+              libs=("accelerate",))

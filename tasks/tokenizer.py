@@ -1,8 +1,8 @@
 """tokenizer: a byte-level BPE trained on the deduped corpus, or an existing tokenizer used as is.
 
-Reads:   the dedup artifact's documents/ (or the folder `tokenizer.from` names).
-Writes:  a `PreTrainedTokenizerFast` folder (save_pretrained) with the chat special tokens and
-         a ChatML chat template, loadable with plain `AutoTokenizer.from_pretrained(path)`.
+Reads:   documents (the corpus), or the folder `tokenizer.from` names.
+Writes:  tokenizer/, a `PreTrainedTokenizerFast` folder (save_pretrained) with the chat special
+         tokens and a ChatML chat template, loadable with plain `AutoTokenizer.from_pretrained`.
 Metrics: vocab_size, documents, chars, tokens (of the corpus), chars_per_token, trained.
 Alone:   gristmill run SPEC --only tokenizer
 
@@ -12,13 +12,14 @@ tokens only. `<|endoftext|>` separates documents when they are packed for pre-tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from data_specs.spec import RunSpec
-from tasks.documents import iter_documents
-from tasks.errors import InputError
-from tasks.loading import load_tokenizer
-from tasks.stage import Inputs, Metrics, Stage, content_digest
+from data_specs.errors import InputError
+from data_specs.schema import TokenizerSpec
+from tasks.core.artifacts import Documents, Tokenizer
+from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.train.loading import load_tokenizer
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -46,10 +47,11 @@ def load_tokenizer_folder(path: Path, trust_remote_code: bool):
 
 def train_bpe(texts, vocab_size: int, min_frequency: int):
     """A byte-level BPE over `texts`, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as BPETokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
+    bpe = BPETokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
@@ -62,19 +64,22 @@ def train_bpe(texts, vocab_size: int, min_frequency: int):
     return tok
 
 
-def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
+@dataclass(frozen=True)
+class TokenizerInputs:
+    documents: Documents
+
+
+def build(cfg: TokenizerSpec, inputs: TokenizerInputs, out: Path, ctx: RunContext) -> Metrics:
     """Trains (or copies) the tokenizer and measures it on the corpus."""
-    docs = inputs["dedup"] / "documents"
-    cfg = spec.tokenizer
     if cfg.from_:
-        tok = load_tokenizer_folder(spec.resolve(cfg.from_), spec.trust_remote_code)
+        tok = load_tokenizer_folder(cfg.from_, ctx.trust_remote_code)
         if tok.chat_template is None:
             tok.chat_template = CHAT_TEMPLATE
     else:
-        tok = train_bpe((d["text"] for d in iter_documents(docs)), cfg.vocab_size, cfg.min_frequency)
-    tok.save_pretrained(str(out))
+        tok = train_bpe((d["text"] for d in inputs.documents), cfg.vocab_size, cfg.min_frequency)
+    tok.save_pretrained(str(Tokenizer.folder_in(out)))
     chars = tokens = documents = 0
-    for d in iter_documents(docs):
+    for d in inputs.documents:
         documents += 1
         chars += len(d["text"])
         tokens += len(tok(d["text"], add_special_tokens=False)["input_ids"])
@@ -82,17 +87,4 @@ def build(spec: RunSpec, inputs: Inputs, out: Path, work: Path) -> Metrics:
             "chars_per_token": round(chars / max(tokens, 1), 3), "trained": cfg.from_ is None}
 
 
-def external_inputs(spec: RunSpec) -> dict[str, str]:
-    """The content of a `tokenizer.from` folder (nothing when the tokenizer is trained)."""
-    return content_digest(spec, "tokenizer.from", spec.tokenizer.from_)
-
-
-STAGE = Stage(
-    name="tokenizer",
-    needs=("dedup",),
-    build=build,
-    spec_view=lambda spec: {"tokenizer": spec.tokenizer.cache_view()},
-    external_inputs=external_inputs,
-    libs=("tokenizers", "transformers"),
-    module=__name__,
-)
+STAGE = Stage("tokenizer", build, output=Tokenizer, inputs=TokenizerInputs, section="tokenizer")

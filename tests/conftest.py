@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from data_specs.spec import RunSpec, load_spec
-from tasks.store import ArtifactStore
+from data_specs.loader import load_spec
+from data_specs.schema import RunSpec
+from tasks.core.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "data_specs" / "tiny.yaml"

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from eval.arms import EvalQuestion, retrieve
-from eval.rag import build_index, chunk_documents, default_embedder_path, embed, load_embedder
+from eval.rag import build_index, chunk_documents, default_embedder_path, embed
+from tasks.train.loading import load_embedder
 from eval.scoring import recall_at
-from tasks.errors import InputError
+from data_specs.errors import InputError
 
 DOCS = [
     {"id": "bread", "text": "To bake bread, mix flour, water, yeast and salt, knead the dough and bake it at 230 degrees."},
@@ -18,7 +19,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def embedder():
-    return load_embedder(default_embedder_path(), device="cpu")
+    return load_embedder(default_embedder_path(), "cpu", trust_remote_code=False)
 
 
 def test_chunks_are_word_windows_with_offsets():
@@ -47,4 +48,4 @@ def test_embeddings_are_normalised(embedder):
 
 def test_embedder_that_is_not_a_model(tmp_path):
     with pytest.raises(InputError, match="is not a sentence-transformers model"):
-        load_embedder(tmp_path)
+        load_embedder(tmp_path, "cpu", trust_remote_code=False, field="index.embedder")

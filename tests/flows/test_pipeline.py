@@ -10,9 +10,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import gristmill_pipeline, gristmill_stage
-from tasks.errors import InputError, StageError, TransientError
+from data_specs.errors import InputError, StageError, TransientError
 from tasks.registry import GPU_STAGES, stage_names
-from tasks.runner import plan
+from tasks.core.runner import plan
 from tests.conftest import SpecFactory
 
 pytestmark = pytest.mark.slow

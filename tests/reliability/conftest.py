@@ -47,7 +47,7 @@ class Golden:
 
 def needs(stage: str) -> set[str]:
     """Every stage that `stage` reads, directly or not."""
-    from tasks.runner import ancestors
+    from tasks.core.runner import ancestors
 
     return ancestors(stage)
 
@@ -115,10 +115,10 @@ def golden(request) -> Golden:
     """An uninterrupted tiny.yaml store: the one the four simultaneous runs built (a run killed
     in a trial is compared with it, stage by stage, so it is checked twice).
 
-    GRISTMILL_GOLDEN_STORE names a folder to build it in, through tasks.runner, and keep it
+    GRISTMILL_GOLDEN_STORE names a folder to build it in, through tasks.core.runner, and keep it
     across sessions instead (a soak run, or iterating on these tests); the fingerprints make
     a store built by other code miss, and it is then built again."""
-    from tasks.runner import execute, prepare_run
+    from tasks.core.runner import execute, prepare_run
 
     keep = os.environ.get("GRISTMILL_GOLDEN_STORE")
     if keep:

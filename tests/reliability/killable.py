@@ -3,7 +3,7 @@
     python -m tests.reliability.killable SPEC STORE UNTIL [--kill-after S | --kill-after-checkpoint S |
                                                            --kill-at-publish] [--fsize-limit BYTES]
 
-It runs the stages up to UNTIL through tasks.runner (what the Prefect flow calls), without
+It runs the stages up to UNTIL through tasks.core.runner (what the Prefect flow calls), without
 Prefect, whose start-up costs seconds a trial. A kill is a real SIGKILL to the whole process
 group (datatrove or torchrun children included), sent from a thread of this process:
   --kill-after S             S seconds after UNTIL's build starts (its temp folder is made);
@@ -42,7 +42,7 @@ def checkpoint_written(work: Path) -> bool:
 
 def arm(stage: str, args: argparse.Namespace) -> None:
     """Installs the kill point for `stage` (before anything runs)."""
-    from tasks import store as store_module
+    from tasks.core import store as store_module
 
     if args.kill_in_checkpoint_save:
         arm_checkpoint_save(stage)
@@ -124,8 +124,8 @@ def main() -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    from tasks.errors import InputError, StageError
-    from tasks.runner import execute, prepare_run
+    from data_specs.errors import InputError, StageError
+    from tasks.core.runner import execute, prepare_run
 
     if (args.kill_after is not None or args.kill_after_checkpoint is not None or args.kill_at_publish
             or args.kill_in_checkpoint_save):

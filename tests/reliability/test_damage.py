@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from data_specs.spec import load_spec
-from tasks.runner import execute, plan, prepare_run
-from tasks.store import ArtifactStore, now_iso
+from data_specs.loader import load_spec
+from tasks.core.runner import execute, plan, prepare_run
+from tasks.core.store import ArtifactStore, now_iso
 from tests.conftest import TINY
 from tests.reliability.conftest import Golden, finished, gristmill, leftovers, payload
 
@@ -32,7 +32,7 @@ def artifact(store: Path, golden: Golden, stage: str) -> Path:
 
 
 def run_until(store: Path, stage: str) -> dict[str, str]:
-    """tasks.runner up to `stage` (what the flow calls); stage -> built/cached."""
+    """tasks.core.runner up to `stage` (what the flow calls); stage -> built/cached."""
     run = prepare_run(TINY, str(store), until=stage)
     return {item.name: execute(item, run.spec, run.store).state for item in run.stages}
 
@@ -123,7 +123,7 @@ def test_unusable_record_is_not_done_and_is_moved_aside(golden, tmp_path, record
 
 def test_record_paths_outside_the_artifact_are_damage(tmp_path):
     """A record cannot make the checks read (or vouch for) a file outside its folder."""
-    from tasks.store import ArtifactRecord
+    from tasks.core.store import ArtifactRecord
 
     store = ArtifactStore(tmp_path / "store")
     (tmp_path / "secret").write_text("x")

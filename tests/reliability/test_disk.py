@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import runner
-from tasks.errors import InputError, StageError
-from tasks.store import ArtifactStore
+from tasks.core import runner
+from data_specs.errors import InputError, StageError
+from tasks.core.store import ArtifactStore
 from tests.conftest import REPO, TINY
 from tests.reliability.conftest import Golden, finished, payload
 from tests.reliability.test_damage import run_until, seeded
@@ -128,7 +128,7 @@ def test_torch_write_error_without_errno_is_diagnosed_as_the_size_limit(tmp_path
     code = (
         "import resource, signal, sys, torch\n"
         "from pathlib import Path\n"
-        "from tasks.faults import diagnose\n"
+        "from tasks.core.faults import diagnose\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
         f"out = Path({str(tmp_path)!r})\n"

@@ -8,7 +8,7 @@ half-written counts as done, reruns, and compares with the uninterrupted run. Ki
   checkpoint-save  in the middle of writing a checkpoint (the loop's checkpoint.tmp written,
                    not yet renamed over the first one)
   publish          after the build folder is renamed into place, before artifact.json
-Most trials run through tests/reliability/killable.py (tasks.runner without Prefect: the
+Most trials run through tests/reliability/killable.py (tasks.core.runner without Prefect: the
 CLI's start-up costs seconds); the `cli` ones run the real `gristmill` command and are
 killed from outside, and their reruns and plans go through the CLI too.
 
@@ -165,9 +165,9 @@ def kill_cli(trial: Trial, store: Path, fingerprint: str, seconds: float) -> int
 
 def check_killed_state(trial: Trial, store: Path, golden: Golden) -> None:
     """Nothing half-written counts as done, and `plan` says so."""
-    from data_specs.spec import load_spec
-    from tasks.runner import plan
-    from tasks.store import ArtifactStore
+    from data_specs.loader import load_spec
+    from tasks.core.runner import plan
+    from tasks.core.store import ArtifactStore
 
     done = finished(store)  # every folder with an artifact.json is complete and intact
     assert trial.stage not in done
@@ -202,7 +202,7 @@ def rerun(trial: Trial, store: Path) -> dict[str, str]:
         proc = gristmill("run", str(TINY), "--store", str(store), "--until", trial.stage)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return {stage: state for stage, state, _ in done_lines(proc.stdout)}
-    from tasks.runner import execute, prepare_run
+    from tasks.core.runner import execute, prepare_run
 
     run = prepare_run(TINY, str(store), until=trial.stage)
     return {item.name: execute(item, run.spec, run.store).state for item in run.stages}

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
-from data_specs.spec import load_spec
-from tasks.errors import InputError
+from data_specs.loader import load_spec
+from data_specs.errors import InputError
 from tests.conftest import REPO, doc_text
-from tests.tasks.test_qa_openai import KEY, KEY_ENV, server  # noqa: F401  (a fixture: the fake OpenAI endpoint)
+from tests.tasks.qagen.test_openai import KEY, KEY_ENV, server  # noqa: F401  (a fixture: the fake OpenAI endpoint)
 
 PACKAGES = ("tasks", "eval", "flows", "data_specs")  # the code a run executes (bench/ and tests/ are not)
 TINY_DOCS = REPO / "data_specs" / "tiny" / "docs.jsonl"
@@ -155,9 +155,9 @@ def test_the_hostile_pickle_is_real(tmp_path: Path) -> None:
 
 def test_pickle_only_folders_are_refused_by_every_in_process_loader(tmp_path: Path) -> None:
     from eval.rag import load_embedder
-    from tasks.finetune import load_model
+    from tasks.train.finetune import load_model
     from tasks.pretrain import load_checkpoint
-    from tasks.qa_model import load_generator
+    from tasks.qagen.model import load_generator
 
     marker = tmp_path / "unpickled"
     folder = pickle_only_folder(tmp_path, marker)
@@ -293,7 +293,7 @@ def test_remote_code_runs_only_with_the_cli_flag(cli_project: Path, monkeypatch:
 
 
 def test_a_spec_cannot_allow_remote_code_but_the_cli_can(tmp_path: Path) -> None:
-    from tasks.runner import prepare_run
+    from tasks.core.runner import prepare_run
 
     spec = write_spec(tmp_path, trust_remote_code=True)
     with pytest.raises(InputError, match=r"trust_remote_code: a spec cannot allow remote code; pass --trust-remote-code"):

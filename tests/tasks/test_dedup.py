@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tasks.dedup import lsh_bands
-from tasks.runner import execute, plan
+from tasks.core.runner import execute, plan
 from tests.conftest import doc_text, write_jsonl
 from tests.tasks.test_ingest import read_docs
 

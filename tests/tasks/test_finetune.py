@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import InputError
-from tasks.runner import execute, plan
+from data_specs.errors import InputError
+from tasks.core.runner import execute, plan
 from tests.conftest import plain_transformers
 from tests.tasks.test_pretrain import run_until, tiny_project
 
@@ -148,7 +148,7 @@ def test_html_report_parses_and_holds_the_table_and_images(evaluated):
 
 def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
     """The path `gristmill eval --questions` takes: only eval builds, keyed by the file."""
-    from tasks.runner import prepare_run
+    from tasks.core.runner import prepare_run
 
     factory, _ = evaluated
     questions = tmp_path / "q.jsonl"

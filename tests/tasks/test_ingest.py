@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import InputError
+from data_specs.errors import InputError
 from tasks.ingest import normalize_text
-from tasks.runner import execute, plan
+from tasks.core.runner import execute, plan
 from tests.conftest import SpecFactory, doc_text, write_jsonl
 
 

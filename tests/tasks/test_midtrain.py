@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import InputError
+from data_specs.errors import InputError
 from tests.tasks.test_pretrain import run_until, tiny_project
 
 MID = {"tokens": 20_000, "batch_tokens": 2048, "micro_batch": 16, "eval_every": 5, "checkpoint_every": 5}

