@@ -16,7 +16,6 @@ choice (the first seen for exact, the cluster root for MinHash).
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from datatrove.pipeline.writers import JsonlWriter
 from data_specs.schema import DedupSpec, ExecutorSpec, NearDedupSpec
 from tasks.data.engine import run_pipeline, step_counts
 from tasks.core.artifacts import Documents
-from tasks.core.jsonl import write_jsonl
+from tasks.core.jsonl import json_line, read_jsonl, write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.core.store import link_tree
 
@@ -106,7 +105,7 @@ class KeyIndex(PipelineStep):
             for doc in data:
                 key = self.key_of(doc)
                 if key is not None:
-                    f.write(json.dumps({"key": key, "id": doc.id}) + "\n")
+                    f.write(json_line({"key": key, "id": doc.id}))
                 yield doc
 
 
@@ -121,8 +120,7 @@ def _writer(folder: Path) -> JsonlWriter:
 def _read_index(folder: Path) -> dict[str, str]:
     index = {}
     for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for row in read_jsonl(path):
             index.setdefault(row["key"], row["id"])
     return index
 

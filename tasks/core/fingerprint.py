@@ -6,17 +6,23 @@ fingerprint = sha256 of the canonical JSON of the stage's *key*:
      "code":     {file: sha256} of the stage module, every gristmill module it imports (found by
                  walking `import` statements, so any edit to code the stage can run changes the
                  key) and the modules it starts by name (the torchrun worker),
-     "libs":     {import name: "distribution==version"} of every third-party package that code
-                 imports (faiss is faiss-cpu or faiss-gpu, whichever is installed),
+     "libs":     {distribution: version} of every third-party package that code imports (found
+                 by import name: faiss is faiss-cpu or faiss-gpu, whichever is installed) and of
+                 everything those require, transitively (tokenizers under transformers),
      "spec":     its spec section's keyed fields and the other fields it declared,
      "resolved": values fixed where it runs that change the output (device, precision,
                  processes, packing),
      "inputs":   {name: sha256} of the *content* of files outside the store it reads,
-     "upstream": {role: fingerprint} of the artifacts it reads}
+     "upstream": {stage: fingerprint} of the artifacts it reads}
 
 Left out on purpose: worker counts, store location, log level, timestamps, run ids, and the
 libraries in NEUTRAL_LIBS. Nothing is memoised beyond one plan: a long-lived worker hashes
-code and inputs again for every plan, so an edit is never missed.
+code and inputs again for every plan, so an edit is never missed. Library versions are read
+from the installed metadata each plan, too.
+
+The requirement closure is deliberately wide: upgrading any package a stage's code can reach
+rebuilds the stage. A pinned environment (constraints.txt) upgrades rarely and on purpose;
+a stale artifact after an upgrade would go unnoticed.
 """
 
 from __future__ import annotations
@@ -29,23 +35,34 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 # Top-level packages whose source enters fingerprints (third-party code enters via "libs").
 # data_specs is not one of them: a stage sees the spec only through its keyed values (in the
 # key) and the files it names (keyed by content), so adding a field to another section must
 # not invalidate every artifact. Code that *interprets* a field lives in tasks/ or eval/.
 OWN_PACKAGES = ("tasks", "eval")
+FIRST_PARTY = (*OWN_PACKAGES, "data_specs", "flows")  # gristmill's own: never a "library"
 # Imported only to show progress or logs, never on a path that writes artifact bytes: a new
 # release of one of them must not retrain every model.
 NEUTRAL_LIBS = frozenset({"prefect", "tqdm", "loguru"})
 FINGERPRINT_CHARS = 20  # 80 bits: collisions are out of reach for any realistic store
 
-# Digests of input files within one plan, by (path, size, mtime, inode); cleared by `fresh()`.
-_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+# What one plan has already read (file digests by (path, size, mtime, inode), parsed modules,
+# distribution metadata), so ten stages sharing code read it once; None outside `fresh()`,
+# where nothing is kept: a long-lived worker reads everything again for its next plan.
+_PLAN: dict[str, dict[Any, Any]] | None = None
+
+
+def _memo(kind: str) -> dict[Any, Any]:
+    """This plan's memo of one kind (a throwaway dict outside a plan)."""
+    return _PLAN.setdefault(kind, {}) if _PLAN is not None else {}
 
 
 def canonical_json(data: Any) -> str:
@@ -60,12 +77,14 @@ def digest_key(key: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def fresh() -> Iterator[None]:
-    """One plan: input files are hashed at most once inside it, and again in the next one."""
-    _FILE_DIGESTS.clear()
+    """One plan: code, input files and library metadata are read at most once inside it, and
+    again in the next one."""
+    global _PLAN
+    outer, _PLAN = _PLAN, {}
     try:
         yield
     finally:
-        _FILE_DIGESTS.clear()
+        _PLAN = outer
 
 
 def sha256_file(path: Path) -> str:
@@ -80,10 +99,10 @@ def sha256_file(path: Path) -> str:
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read once per plan."""
     st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if memo not in _FILE_DIGESTS:
-        _FILE_DIGESTS[memo] = sha256_file(path)
-    return _FILE_DIGESTS[memo]
+    key, memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino), _memo("files")
+    if key not in memo:
+        memo[key] = sha256_file(path)
+    return memo[key]
 
 
 def tree_digest(root: Path) -> str:
@@ -144,22 +163,38 @@ def code_closure(*modules: str) -> tuple[dict[str, Path], set[str]]:
         seen[name] = path
         # A submodule also runs its packages' __init__.py files.
         todo.extend(".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1))
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-        for imported in _imported_names(tree, name, path.name == "__init__.py"):
+        for imported in _module_imports(path, name):
             top = imported.split(".")[0]
             if top in OWN_PACKAGES:
                 todo.append(imported)
-            elif top and top not in sys.stdlib_module_names:
+            elif top and top not in FIRST_PARTY and top not in sys.stdlib_module_names:
                 third_party.add(top)
     return seen, third_party
+
+
+def _module_imports(path: Path, name: str) -> set[str]:
+    """The names a module file imports (parsed once per plan)."""
+    memo = _memo("imports")
+    if name not in memo:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        memo[name] = _imported_names(tree, name, path.name == "__init__.py")
+    return memo[name]
 
 
 def code_digest(*modules: str) -> dict[str, str]:
     """{file relative to the repository: sha256 prefix} of every gristmill module these run."""
     seen, _ = code_closure(*modules)
     anchor = _repository_root()
-    return {os.path.relpath(p, anchor): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            for p in sorted(seen.values())}
+    memo = _memo("sources")
+    for p in seen.values():
+        if p not in memo:
+            memo[p] = hashlib.sha256(source_bytes(p)).hexdigest()[:16]
+    return {os.path.relpath(p, anchor): memo[p] for p in sorted(seen.values())}
+
+
+def source_bytes(path: Path) -> bytes:
+    """A module's source as hashed (one seam, so a test can show an edit changes the key)."""
+    return path.read_bytes()
 
 
 def _repository_root() -> Path:
@@ -173,17 +208,53 @@ def _distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
-def lib_versions(import_names: set[str] | frozenset[str]) -> dict[str, str]:
-    """{import name: "distribution==version"} of third-party packages, read fresh; a name with no
-    installed distribution is "absent"."""
-    out = {}
+def lib_versions(import_names: Iterable[str]) -> dict[str, str]:
+    """{distribution: version} of the packages behind these import names and of everything they
+    require, transitively; read fresh. An import name no installed distribution provides is
+    keyed as {name: "absent"} (installing it later changes the key)."""
+    roots, out = [], {}
     for name in sorted(set(import_names) - NEUTRAL_LIBS):
         dists = _distributions().get(name)
-        if not dists:
+        if dists:
+            roots += dists
+        else:
             out[name] = "absent"
-            continue
-        out[name] = ",".join(f"{d}=={importlib.metadata.version(d)}" for d in sorted(set(dists)))
-    return out
+    return {**out, **requirement_closure(roots)}
+
+
+def requirement_closure(distributions: Iterable[str]) -> dict[str, str]:
+    """{distribution: version} of these distributions and everything they require (environment
+    markers evaluated here, extras not taken), transitively."""
+    versions: dict[str, str] = {}
+    todo = [canonicalize_name(d) for d in distributions]
+    while todo:
+        name = todo.pop()
+        if name not in versions:
+            versions[name], requires = _distribution(name)
+            todo += requires
+    return dict(sorted(versions.items()))
+
+
+def _distribution(name: str) -> tuple[str, list[str]]:
+    """(installed version or "absent", the names it requires here) of one distribution, read
+    once per plan; extras are not taken, environment markers are evaluated."""
+    memo = _memo("dists")
+    if name not in memo:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            memo[name] = ("absent", [])  # an optional requirement not installed
+            return memo[name]
+        requires = []
+        for line in dist.requires or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                requires.append(canonicalize_name(req.name))
+        memo[name] = (dist.version, requires)
+    return memo[name]
 
 
 def installed_version(distribution: str) -> str:

@@ -18,11 +18,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_jsonl(path: Path, rows: Iterable[Any]) -> int:
-    """Writes one JSON object per line (non-ASCII kept as is); returns how many."""
+def json_line(row: Any, sort_keys: bool = False) -> str:
+    """One JSONL line, newline included (non-ASCII kept as is): for writers that stream."""
+    return json.dumps(row, ensure_ascii=False, sort_keys=sort_keys) + "\n"
+
+
+def write_jsonl(path: Path, rows: Iterable[Any], sort_keys: bool = False) -> int:
+    """Writes one JSON object per line; returns how many."""
     n = 0
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json_line(row, sort_keys))
             n += 1
     return n

@@ -89,7 +89,7 @@ def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = (), graph: 
     planned = []
     with fresh():  # code and input files hashed again for every plan: a long-lived worker misses no edit
         for stage in graph:
-            upstream = {role: fingerprints[producer] for role, producer in graph.upstream(stage.name).items()}
+            upstream = {producer: fingerprints[producer] for producer in graph.needs(stage.name)}
             key = stage_key(stage, spec, upstream, placement.device(stage))
             fp = digest_key(key)
             fingerprints[stage.name] = fp
@@ -240,7 +240,7 @@ def _upstream(item: PlannedStage, role: str, need: str, spec: RunSpec, store: Ar
               placement: Placement) -> Path:
     """The local folder of an upstream artifact this build reads, its sha256 checked first (the
     build reads every byte of it anyway); a damaged one is moved aside and rebuilt here."""
-    up_fp = item.key["upstream"][role]
+    up_fp = item.key["upstream"][need]
     if store.load(need, up_fp) is None:
         raise InputError(
             f"stage {item.name!r} needs the {need!r} artifact {up_fp}, which is not in {store.url}; "

@@ -195,6 +195,7 @@ def _generate() -> list[dict[str, Any]]:
 def _child_main(tmp_path: str) -> None:
     """Child entry point: writes the JSONL to tmp_path and exits hard."""
     docs = _generate()
+    # Written here, not with tasks/core/jsonl.py: the child's sys.path holds only the stdlib.
     with open(tmp_path, "w", encoding="utf-8", newline="\n") as fh:
         for doc in docs:
             fh.write(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n")

@@ -62,7 +62,7 @@ def test_loss_curve_csv(trained):
 
 def test_model_loads_with_plain_transformers(trained):
     """In a fresh interpreter that never imports gristmill."""
-    result = plain_transformers(trained["pretrain"].path, (
+    result = plain_transformers(Path(trained["pretrain"].path) / "model", (
         "ids = t('The assert statement', return_tensors='pt').input_ids\n"
         "out = m.generate(ids, max_new_tokens=5, do_sample=False)\n"
         "chat = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False, add_generation_prompt=True)\n"
@@ -76,7 +76,7 @@ def test_tokenizer_metrics_and_special_tokens(trained):
 
     m = trained["tokenizer"].record.metrics
     assert m["trained"] and m["vocab_size"] <= 512 + 4 and m["chars_per_token"] > 1.5
-    tok = AutoTokenizer.from_pretrained(trained["tokenizer"].path)
+    tok = AutoTokenizer.from_pretrained(Path(trained["tokenizer"].path) / "tokenizer")
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
     assert len(tok("<|im_start|>", add_special_tokens=False)["input_ids"]) == 1
 
@@ -84,7 +84,7 @@ def test_tokenizer_metrics_and_special_tokens(trained):
 def test_tokenizer_from_folder_enters_the_key_by_content(trained, tmp_path):
     factory = tiny_project(tmp_path / "p")
     folder = tmp_path / "tok"
-    shutil.copytree(trained["tokenizer"].path, folder)
+    shutil.copytree(Path(trained["tokenizer"].path) / "tokenizer", folder)
     key = lambda: {r.name: r.fingerprint for r in plan(factory.load(tokenizer={"from": str(folder)}), factory.store)}
     before = key()
     shutil.copytree(folder, tmp_path / "tok2")
@@ -98,7 +98,7 @@ def test_tokenizer_from_folder_enters_the_key_by_content(trained, tmp_path):
 
 def test_continue_from_checkpoint(trained, tmp_path):
     factory = tiny_project(tmp_path / "p")
-    ckpt = trained["pretrain"].path
+    ckpt = str(Path(trained["pretrain"].path) / "model")
     result = run_until(factory, "pretrain", tokenizer={"from": ckpt},
                        pretrain={**FAST_PRETRAIN, "from": ckpt, "tokens": 8192})
     m = result["pretrain"].record.metrics
@@ -131,7 +131,7 @@ def test_tokenizer_larger_than_checkpoint_vocabulary(trained, tmp_path):
     factory = tiny_project(tmp_path)
     with pytest.raises(InputError, match=r"has 512 embedding rows but the tokenizer has 2000 tokens"):
         run_until(factory, "pretrain", tokenizer={"vocab_size": 2000},
-                  pretrain={**FAST_PRETRAIN, "from": trained["pretrain"].path})
+                  pretrain={**FAST_PRETRAIN, "from": str(Path(trained["pretrain"].path) / "model")})
 
 
 def test_corpus_too_small_for_one_block(tmp_path):

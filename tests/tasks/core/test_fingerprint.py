@@ -1,13 +1,20 @@
-"""Cache keys: the same/different table, code tracking, and the reasons `plan` gives."""
+"""Cache keys: the same/different table for every stage, the stale-key cases, code tracking,
+and the reasons `plan` gives."""
 
+import importlib.metadata
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-from tasks.core.fingerprint import code_digest, explain_change
+from tasks.core import fingerprint
+from tasks.core.fingerprint import code_closure, code_digest, digest_key, explain_change, lib_versions
+from tasks.core.keys import Placement, stage_key
 from tasks.core.runner import execute, plan
-from tests.conftest import SpecFactory, doc_text, write_jsonl
+from tasks.registry import PIPELINE
+from data_specs.loader import load_spec
+from tests.conftest import TINY, SpecFactory, doc_text, write_jsonl
 
 
 def fingerprints(factory: SpecFactory, **sections) -> dict[str, str]:
@@ -37,6 +44,155 @@ def test_spec_changes(project, change, ingest_changes, dedup_changes):
     assert (before["dedup"] != after["dedup"]) == dedup_changes
 
 
+# ---------------------------------------------------------------- the table, every stage
+
+# stage -> (a keyed field and a new value, a runtime field and a new value), as spec overrides.
+TABLE = {
+    "ingest": ({"corpus": {"filters": {"min_chars": 11}}}, {"executor": {"workers": 3}}),
+    "dedup": ({"dedup": {"near": {"ngrams": 4}}}, {"executor": {"kind": "ray"}}),
+    "tokenizer": ({"tokenizer": {"vocab_size": 1000}}, {"store": "elsewhere"}),
+    "pretrain": ({"pretrain": {"lr": 0.004}}, {"pretrain": {"checkpoint_every": 7}}),
+    "qa": ({"qa": {"per_doc": 3}}, {"name": "renamed"}),
+    "midtrain": ({"midtrain": {"mix": {"docs": 0.4}}}, {"resources": {"midtrain": {"time_limit": 60}}}),
+    "sft": ({"sft": {"context_fraction": 0.5}}, {"sft": {"save_steps": 3}}),
+    "dpo": ({"dpo": {"beta": 0.2}}, {"resources": {"dpo": {"time_limit": 60}}}),
+    "index": ({"index": {"overlap": 8}}, {"store": "elsewhere"}),
+    "eval": ({"eval": {"k": 4}}, {"name": "renamed"}),
+}
+
+
+def _key(stage: str, spec, device: str = "cpu", upstream: dict | None = None) -> str:
+    s = PIPELINE.get(stage)
+    return digest_key(stage_key(s, spec, upstream or {}, Placement(gpu=device, data=device).device(s)))
+
+
+def test_the_table_covers_every_stage():
+    assert set(TABLE) == set(PIPELINE.names())
+
+
+@pytest.mark.parametrize("stage", list(TABLE))
+def test_keyed_and_runtime_fields(stage, tmp_path):
+    base = _tiny(tmp_path, {})
+    keyed, runtime = TABLE[stage]
+    assert _key(stage, _tiny(tmp_path, keyed)) != _key(stage, base), f"{stage}: a keyed field must change the key"
+    assert _key(stage, _tiny(tmp_path, runtime)) == _key(stage, base), f"{stage}: a runtime field must not"
+
+
+@pytest.mark.parametrize("stage", list(TABLE))
+def test_upstream_change(stage, tmp_path):
+    spec = _tiny(tmp_path, {})
+    needs = PIPELINE.needs(stage)
+    if not needs:
+        pytest.skip("reads no artifact")
+    same = {n: "a" * 20 for n in needs}
+    other = {**same, needs[0]: "b" * 20}
+    assert _key(stage, spec, upstream=same) == _key(stage, spec, upstream=dict(same))
+    assert _key(stage, spec, upstream=other) != _key(stage, spec, upstream=same)
+
+
+@pytest.mark.parametrize("stage", list(TABLE))
+def test_an_edit_to_any_module_a_stage_runs_changes_its_key(stage, tmp_path, monkeypatch):
+    spec = _tiny(tmp_path, {})
+    before = _key(stage, spec)
+    module = PIPELINE.get(stage).module
+    modules, _ = code_closure(module, *PIPELINE.get(stage).also_runs)
+    # Its own module, a shared module two imports away, and a package's __init__.py.
+    shared = next(p for name, p in sorted(modules.items()) if name.startswith("tasks.core.") and name != module)
+    for edited in (modules[module], shared, modules["tasks"]):
+        real = fingerprint.source_bytes
+        monkeypatch.setattr(fingerprint, "source_bytes", lambda p, e=edited, r=real: r(p) + (b"#" if p == e else b""))
+        assert _key(stage, spec) != before, f"{stage}: editing {edited} must change its key"
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("stage, library", [
+    ("ingest", "datatrove"), ("dedup", "spacy"), ("tokenizer", "tokenizers"), ("pretrain", "torch"),
+    ("qa", "transformers"), ("midtrain", "torch"), ("sft", "trl"), ("dpo", "peft"), ("index", "faiss-cpu"),
+    ("eval", "scipy"),
+])
+def test_a_library_version_changes_the_key_and_a_neutral_one_does_not(stage, library, tmp_path, monkeypatch):
+    spec = _tiny(tmp_path, {})
+    before = _key(stage, spec)
+    real = importlib.metadata.distribution
+
+    class Bumped:
+        def __init__(self, dist):
+            self._dist = dist
+
+        version = property(lambda self: self._dist.version + ".post1")
+        requires = property(lambda self: self._dist.requires)
+
+    def fake(name, bump):
+        dist = real(name)
+        return Bumped(dist) if name.replace("_", "-").lower() == bump else dist
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: fake(name, library))
+    assert _key(stage, spec) != before, f"{stage}: {library} must be in its key"
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: fake(name, "prefect"))
+    assert _key(stage, spec) == before, f"{stage}: prefect only shows progress"
+
+
+# ---------------------------------------------------------------- the stale-key cases
+
+def test_the_device_is_keyed_where_it_changes_the_output(tmp_path):
+    spec = _tiny(tmp_path, {})
+    changes = {s: _key(s, spec, "cpu") != _key(s, spec, "cuda") for s in PIPELINE.names()}
+    assert changes == {"ingest": False, "dedup": False, "tokenizer": False, "pretrain": True, "qa": False,
+                       "midtrain": True, "sft": True, "dpo": True, "index": True, "eval": True}
+
+
+def test_sft_packing_auto_resolves_per_device(tmp_path):
+    sft = PIPELINE.get("sft")
+    spec = _tiny(tmp_path, {"sft": {"packing": "auto"}})
+    resolved = {d: stage_key(sft, spec, {}, d)["resolved"] for d in ("cpu", "cuda")}
+    assert resolved["cpu"]["packing"] is False and resolved["cuda"]["packing"] is True
+    assert resolved["cuda"]["precision"] == "bf16" and resolved["cpu"]["precision"] == "fp32"
+
+
+def test_the_torchrun_worker_is_in_the_training_stages_digest():
+    for stage in ("pretrain", "midtrain"):
+        assert "tasks/train/worker.py" in code_digest(PIPELINE.get(stage).module)
+
+
+def test_libraries_come_from_what_the_code_imports():
+    _, imported = code_closure("tasks.evaluate")
+    libs = lib_versions(imported)
+    for dist in ("numpy", "scipy", "torch", "transformers", "tokenizers", "sentence-transformers", "faiss-cpu"):
+        assert dist in libs, dist
+    assert "prefect" not in lib_versions({"prefect"})
+    assert lib_versions({"not_a_module_anywhere"}) == {"not_a_module_anywhere": "absent"}
+
+
+@pytest.mark.parametrize("stage, field", [
+    ("pretrain", {"pretrain": {"micro_batch": 6}}), ("pretrain", {"resources": {"pretrain": {"gpus": 2}}}),
+    ("midtrain", {"midtrain": {"micro_batch": 4}}), ("eval", {"eval": {"batch_size": 4}}),
+])
+def test_what_changes_the_effective_batch_or_the_batching_is_keyed(stage, field, tmp_path):
+    assert _key(stage, _tiny(tmp_path, field)) != _key(stage, _tiny(tmp_path, {}))
+
+
+def test_an_edit_that_keeps_size_and_time_is_seen_by_the_next_plan(project):
+    before = fingerprints(project)
+    data = project.root / "data" / "docs.jsonl"
+    st = data.stat()
+    text = data.read_text()
+    data.write_text(text.replace("ka", "lo", 1) if "ka" in text else text.replace("lo", "ka", 1))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime, same inode
+    assert data.stat().st_size == st.st_size and data.stat().st_ino == st.st_ino
+    assert fingerprints(project)["ingest"] != before["ingest"]
+
+
+def _tiny(tmp_path: Path, overrides: dict):
+    """tiny.yaml with `overrides` laid over it, loaded from a copy beside its corpus."""
+    folder = tmp_path / "spec"
+    if not folder.exists():
+        shutil.copytree(TINY.parent / "tiny", folder / "tiny")
+        shutil.copy(TINY, folder / "tiny.yaml")
+    return load_spec(folder / "tiny.yaml", override=overrides)
+
+
+# ---------------------------------------------------------------- code tracking and reasons
+
 def test_touching_a_file_keeps_the_key_but_editing_it_changes_it(project):
     before = fingerprints(project)
     data = project.root / "data" / "docs.jsonl"
@@ -63,29 +219,13 @@ def test_moving_the_project_keeps_the_key(project, tmp_path_factory):
 
 
 def test_code_digest_covers_the_stage_and_the_shared_code_it_imports():
-    files = dict(code_digest("tasks.dedup"))
+    files = code_digest("tasks.dedup")
     for expected in ("tasks/dedup.py", "tasks/data/engine.py", "tasks/core/stage.py", "tasks/core/store.py"):
         assert expected in files
     assert not any(f.startswith("data_specs/") for f in files)  # the spec enters through its values
     assert "tasks/ingest.py" not in files  # dedup does not import ingest
-    assert "tasks/data/readers.py" in dict(code_digest("tasks.ingest"))
-
-
-def test_code_edit_changes_the_fingerprint(project, monkeypatch):
-    import tasks.core.runner as runner
-
-    before = fingerprints(project)
-    real = runner.code_digest
-
-    def edited(module):
-        files = dict(real(module))
-        if module == "tasks.dedup":
-            files["tasks/dedup.py"] = "0" * 16
-        return tuple(sorted(files.items()))
-
-    monkeypatch.setattr(runner, "code_digest", edited)
-    after = fingerprints(project)
-    assert after["ingest"] == before["ingest"] and after["dedup"] != before["dedup"]
+    assert "tasks/registry.py" not in files  # nor the graph (an edit to another stage's wiring)
+    assert "tasks/data/readers.py" in code_digest("tasks.ingest")
 
 
 def test_plan_reasons_after_a_build(project):
@@ -107,12 +247,14 @@ def test_plan_reasons_after_a_build(project):
     assert rows[1].reason == "upstream ingest changed"
 
 
-def test_explain_change_names_code_and_library_changes():
-    old = {"upstream": {}, "spec": {"a": 1}, "inputs": {}, "code": {"tasks/x.py": "1"}, "libs": {"datatrove": "0.10"}}
-    new = {**old, "code": {"tasks/x.py": "2"}, "libs": {"datatrove": "0.11"}}
+def test_explain_change_names_code_library_and_resolved_changes():
+    old = {"upstream": {}, "spec": {"a": 1}, "inputs": {}, "code": {"tasks/x.py": "1"}, "libs": {"datatrove": "0.10"},
+           "resolved": {"device": "cpu"}}
+    new = {**old, "code": {"tasks/x.py": "2"}, "libs": {"datatrove": "0.11"}, "resolved": {"device": "cuda"}}
     reason = explain_change(old, new)
     assert "code changed: tasks/x.py" in reason
     assert "library version changed: datatrove" in reason
+    assert "resolved device changed" in reason
     assert explain_change(None, new) == "never built"
 
 

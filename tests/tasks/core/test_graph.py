@@ -1,0 +1,114 @@
+"""The graph in one place: checked when built, a stage inserted with one module and one line,
+builds that see exactly their keys, and imports that run one way."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from data_specs.errors import StageError
+from tasks import dedup, ingest, pretrain, tokenizer
+from tasks.core.artifacts import Documents, Model
+from tasks.core.graph import Graph, GraphError, Wire
+from tasks.core.runner import execute, plan
+from tasks.core.store import ArtifactStore
+from tasks.registry import PIPELINE
+from tests.conftest import REPO
+from tests.tasks.core import toy_stage
+from tests.tasks.core.test_fingerprint import _tiny
+
+
+def test_the_pipeline_reads_as_wired():
+    assert PIPELINE.names() == ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
+                                "index", "eval"]
+    assert PIPELINE.upstream("sft") == {"model": "midtrain", "pairs": "qa", "documents": "dedup"}
+    assert PIPELINE.needs("qa") == ["dedup"]  # qa needs only the corpus
+    assert PIPELINE.ancestors("eval") == set(PIPELINE.names()) - {"eval"}
+    assert PIPELINE.gpu_stages() == ["pretrain", "midtrain", "sft", "dpo", "eval"]
+
+
+@pytest.mark.parametrize("wires, message", [
+    ((Wire(ingest.STAGE), Wire(tokenizer.STAGE, documents="dedup"), Wire(dedup.STAGE, documents="ingest")),
+     "reads documents from 'dedup', which no stage above it provides"),
+    ((Wire(ingest.STAGE), Wire(ingest.STAGE)), "wired twice"),
+    ((Wire(ingest.STAGE), Wire(dedup.STAGE)), "misses documents"),
+    ((Wire(ingest.STAGE), Wire(dedup.STAGE, documents="ingest", extra="ingest")), "names unknown extra"),
+    ((Wire(ingest.STAGE), Wire(dedup.STAGE, documents="ingest", provides="corpus"),
+      Wire(tokenizer.STAGE, documents="corpus"), Wire(pretrain.STAGE, documents="corpus", tokenizer="corpus")),
+     r"reads tokenizer \(Tokenizer\) from 'corpus', which makes Documents"),
+])
+def test_a_wrong_graph_is_refused_when_built(wires, message):
+    with pytest.raises(GraphError, match=message):
+        Graph(*wires)
+
+
+def test_a_stage_inserted_after_dedup_feeds_every_consumer(tmp_path):
+    """One new module (tests/tasks/core/toy_stage.py) and one line: the consumers of "corpus"
+    read the toy stage's documents, and every stage downstream gets a new fingerprint."""
+    graph = PIPELINE.inserted("dedup", Wire(toy_stage.STAGE, documents="corpus", provides="corpus"))
+    assert graph.upstream("tokenizer") == {"documents": "toy"} and graph.upstream("qa") == {"documents": "toy"}
+    spec = _tiny(tmp_path, {})
+    store = tmp_path / "store"
+    st = ArtifactStore(store)
+    before = {r.name: r.fingerprint for r in plan(spec, st)}
+    rows = {r.name: r for r in plan(spec, st, graph=graph)}
+    assert {n for n in before if before[n] != rows[n].fingerprint} == set(before) - {"ingest", "dedup"}
+    results = {}
+    for name in ("ingest", "dedup", "toy", "tokenizer", "qa", "index"):
+        results[name] = execute(rows[name], spec, st, graph=graph)
+    kept = results["dedup"].record.metrics["documents_out"]
+    assert results["toy"].record.metrics["documents_out"] == kept - 1
+    for consumer in ("tokenizer", "qa", "index"):
+        assert results[consumer].record.metrics["documents"] == kept - 1, consumer
+    assert rows["tokenizer"].key["upstream"] == {"toy": rows["toy"].fingerprint}
+
+
+def test_a_build_that_reads_a_field_outside_its_key_fails(tmp_path):
+    graph = Graph(Wire(ingest.STAGE), Wire(toy_stage.UNKEYED, documents="ingest"))
+    spec = _tiny(tmp_path, {})
+    st = ArtifactStore(tmp_path / "store")
+    rows = plan(spec, st, graph=graph)
+    execute(rows[0], spec, st, graph=graph)
+    with pytest.raises(StageError, match=r"pretrain.checkpoint_every is not in this stage's cache key"):
+        execute(rows[1], spec, st, graph=graph)
+
+
+def test_every_model_artifact_keeps_its_model_in_one_place():
+    for stage in PIPELINE:
+        if stage.output is Model:
+            assert stage.output.FOLDER == "model"
+    assert issubclass(toy_stage.STAGE.output, Documents)
+
+
+# ---------------------------------------------------------------- imports run one way
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package, forbidden", [("eval", ("tasks", "flows")), ("data_specs", ("tasks", "flows", "eval")),
+                                                ("tasks", ("flows",))])
+def test_imports_run_one_way(package, forbidden):
+    for path in sorted((REPO / package).rglob("*.py")):
+        bad = {n for n in _imports(path) if n.split(".")[0] in forbidden}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_no_copied_jsonl_readers_writers_or_chunkers():
+    """One JSONL reader and writer (tasks/core/jsonl.py), one paragraph chunker (qagen/common.py)."""
+    loops = re.compile(r"json\.loads\(line\) for line in|f\.write\(json\.dumps\(")
+    chunkers = re.compile(r"split\(\"\\n\\n\"\)")
+    for path in sorted((REPO / "tasks").rglob("*.py")) + sorted((REPO / "eval").rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(REPO).as_posix()
+        # artifacts.py reads gzipped documents; python_docs.py's child sees only the stdlib.
+        if rel not in ("tasks/core/jsonl.py", "tasks/core/artifacts.py", "tasks/data/python_docs.py"):
+            assert not loops.search(text), f"{rel} has its own JSONL loop"
+        assert not chunkers.search(text), f"{rel} has its own paragraph chunker"
