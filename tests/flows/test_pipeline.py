@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import gristmill_pipeline, gristmill_stage
 from data_specs.errors import InputError, StageError, TransientError
-from tasks.registry import GPU_STAGES, stage_names
+from tasks.registry import PIPELINE
 from tasks.core.runner import plan
 from tests.conftest import SpecFactory
 
@@ -155,8 +155,8 @@ def test_gpu_deployment_is_not_needed_when_no_gpu_stage_runs(harness, project):
 
 
 def test_gpu_stages_are_registered_stages():
-    assert GPU_STAGES <= set(stage_names())
-    assert {"pretrain", "midtrain", "sft", "dpo", "eval"} == GPU_STAGES
+    assert set(PIPELINE.gpu_stages()) <= set(PIPELINE.names())
+    assert {"pretrain", "midtrain", "sft", "dpo", "eval"} == set(PIPELINE.gpu_stages())
 
 
 # ---------------------------------------------------------------- Prefect's records on a remote store
