@@ -179,10 +179,10 @@ def _mean_interval(x: np.ndarray, clusters: Sequence[str | None], resamples: int
         # Every cluster has the observed mean, so every resample returns it: the interval is
         # [mean, mean]; p is the formula's with |t| infinite and every |t*| 0 (or 1 at mean 0).
         p = 1.0 if mean == 0.0 else float(_tail_p(0, resamples))
-        return PairedResult(mean, (max(mean, bounds[0]), min(mean, bounds[1])), p, n, g, se)
+        return PairedResult(mean, (float(max(mean, bounds[0])), float(min(mean, bounds[1]))), p, n, g, se)
     (lo, hi), p = symmetric_t_interval(mean / se, _resampled_t(centered, sizes, resamples, seed), level)
     # SE > 0 keeps the signs that p was computed from, and so does clipping to bounds holding 0.
-    return PairedResult(mean, (max(se * lo, bounds[0]), min(se * hi, bounds[1])), p, n, g, se)
+    return PairedResult(mean, (float(max(se * lo, bounds[0])), float(min(se * hi, bounds[1]))), p, n, g, se)
 
 
 def paired_cluster_bootstrap(a: Sequence[float], b: Sequence[float], clusters: Sequence[str | None],

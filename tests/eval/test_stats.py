@@ -114,6 +114,32 @@ def test_interval_and_p_agree_at_the_boundary(resamples):
     assert symmetric_t_interval(0.0, np.zeros(resamples), 0.95) == ((0.0, 0.0), 1.0)
 
 
+def test_arms_that_mostly_agree_are_not_declared_different_too_often():
+    # 60 questions, paired differences 0 with probability 0.9, else -1 or +1 (about 6 non-zero):
+    # an equal-tailed bootstrap-t rejected 11-12% of such nulls; the symmetric one must not.
+    rng = np.random.default_rng(12)
+    sims = 400
+    rejected = 0
+    for i in range(sims):
+        u = rng.random(60)
+        d = np.where(u < 0.05, -1.0, np.where(u < 0.1, 1.0, 0.0))
+        rejected += paired_cluster_bootstrap(d, np.zeros(60), [None] * 60, 199, i, bounds=(-1, 1)).p_value < 0.05
+    assert rejected / sims <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / sims), rejected / sims
+
+
+def test_bounds_keep_the_interval_finite_and_leave_p_alone():
+    # 2 of 60 differences are +1, the rest 0: the 13% of resamples without a +1 have no spread,
+    # so |t*| is infinite there and so is the interval; F1 differences lie in [-1, 1].
+    d = np.zeros(60)
+    d[[5, 40]] = 1
+    free = paired_cluster_bootstrap(d, np.zeros(60), [None] * 60, 999, 0)
+    bounded = paired_cluster_bootstrap(d, np.zeros(60), [None] * 60, 999, 0, bounds=(-1, 1))
+    assert free.ci == (-math.inf, math.inf) and bounded.ci == (-1.0, 1.0) and bounded.p_value == free.p_value > 0.1
+    assert cluster_bootstrap_ci([0.2, 0.9, 0.5], [None] * 3, 300, 0, bounds=(0, 1)) == (0.0, 1.0)  # 3 questions
+    with pytest.raises(ValueError, match="hold 0"):
+        paired_cluster_bootstrap(d, np.zeros(60), [None] * 60, 999, 0, bounds=(0.1, 1))
+
+
 def test_degenerate_inputs():
     nan = paired_cluster_bootstrap([], [], [], 99, 0)
     assert math.isnan(nan.diff) and math.isnan(nan.p_value) and all(map(math.isnan, nan.ci)) and nan.n == 0

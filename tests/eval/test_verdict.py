@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from eval.verdict import COMBINED, MIN_QUESTIONS, Outcome, decide, plan
+from eval.verdict import COMBINED, CONTROLS, MIN_QUESTIONS, REFERENCES, Outcome, decide, plan
 
 GENERATORS = ("finetuned", "rag", COMBINED)
 
@@ -112,14 +112,17 @@ def test_without_finetuned_only_the_secondary_is_made():
 
 
 def test_references_and_controls_never_win_nor_enter_a_comparison():
-    # gold and rag-extractive have by far the best F1 and reader the worst; finetuned and rag are equal.
-    scores, docs = evaluation(9, {"finetuned": 0.0, "rag": 0.0, "gold": 0.5, "rag-extractive": 0.4, "reader": -0.3})
+    # gold and rag-extractive have by far the best F1 and reader the worst; the generators are equal.
+    scores, docs = evaluation(9, {"finetuned": 0.0, "rag": 0.0, COMBINED: 0.0, "gold": 0.5, "rag-extractive": 0.4,
+                                  "reader": -0.3})
     v = decide(scores, docs, 999, 0)
-    assert [(c.a, c.b) for c in v.comparisons] == [("finetuned", "rag")]
-    assert all(c.winner is None for c in v.comparisons)
+    assert [(c.a, c.b) for c in v.comparisons] == [("finetuned", "rag"), (COMBINED, v.comparisons[1].b)]
+    assert v.comparisons[1].b in ("finetuned", "rag") and all(c.winner is None for c in v.comparisons)
+    assert REFERENCES | CONTROLS == {"gold", "rag-extractive", "reader"}
     assert not any(name in v.sentence for name in ("gold", "extractive", "reader"))
-    assert set(v.means) == {"finetuned", "rag", "gold", "rag-extractive", "reader"}
+    assert set(v.means) == {*GENERATORS, *REFERENCES, *CONTROLS}
     assert plan({"gold": 1.0, "rag-extractive": 0.9, "rag": 0.1}) == []
+    assert plan({"gold": 1.0, "rag-extractive": 0.9, "reader": 0.8, "rag": 0.1, COMBINED: 0.2}) == [(COMBINED, "rag")]
 
 
 def test_the_secondary_is_against_the_better_single_arm():
