@@ -11,7 +11,7 @@ import numpy as np
 from eval.arms import Answer, EvalQuestion, is_hit
 from eval.metrics import contains, exact_match, normalize_answer, rouge_l, token_f1
 from eval.rag import Chunk
-from eval.stats import bootstrap_ci, mcnemar, paired_bootstrap
+from eval.stats import cluster_bootstrap_ci, mcnemar, paired_cluster_bootstrap
 
 ALPHA = 0.05  # significance level of the verdict
 
@@ -24,21 +24,26 @@ def score(question: EvalQuestion, answer: Answer) -> dict[str, float]:
 
 
 def summarize(scores: dict[str, list[dict[str, float]]], answers: dict[str, list[Answer]],
-              resamples: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Per arm: means, F1 interval, latency, tokens, and paired tests against rag."""
+              resamples: int, seed: int, clusters: Sequence[str | None] | None = None) -> dict[str, dict[str, Any]]:
+    """Per arm: means, F1 interval, latency, tokens, and paired tests against rag. `clusters[i]`
+    is question i's source document (intervals and tests resample documents); None treats every
+    question as its own document, which overstates precision when documents hold several."""
     out = {}
     rag = scores.get("rag")
+    docs = list(clusters) if clusters is not None else [None] * len(next(iter(scores.values()), []))
     for arm, rows in scores.items():
         f1 = [r["f1"] for r in rows]
         latency = [a.latency_s for a in answers[arm]]
         summary = {"n": len(rows), "em": mean(r["em"] for r in rows), "f1": mean(f1),
-                   "f1_ci": list(bootstrap_ci(f1, resamples, seed)), "rouge_l": mean(r["rouge_l"] for r in rows),
+                   "f1_ci": list(cluster_bootstrap_ci(f1, docs, resamples, seed, bounds=(0.0, 1.0))),
+                   "rouge_l": mean(r["rouge_l"] for r in rows),
                    "contains": mean(r["contains"] for r in rows),
                    "latency_p50_s": float(np.percentile(latency, 50)), "latency_p95_s": float(np.percentile(latency, 95)),
                    "generated_tokens": mean(a.new_tokens for a in answers[arm]),
                    "p_value_vs_rag": None, "p_value_em_vs_rag": None, "f1_diff_vs_rag": None, "f1_diff_ci_vs_rag": None}
         if rag is not None and arm != "rag":
-            paired = paired_bootstrap(f1, [r["f1"] for r in rag], resamples, seed)
+            paired = paired_cluster_bootstrap(f1, [r["f1"] for r in rag], docs, resamples, seed,
+                                              bounds=(-1.0, 1.0))
             summary.update({"p_value_vs_rag": paired.p_value, "f1_diff_vs_rag": paired.diff,
                             "f1_diff_ci_vs_rag": list(paired.ci),
                             "p_value_em_vs_rag": mcnemar([r["em"] == 1 for r in rows], [r["em"] == 1 for r in rag])})
