@@ -322,6 +322,9 @@ class QASpec(Section):
         "question", description="Hold out questions (their documents stay in training: tests what the model "
         "absorbed) or whole documents (tests generalisation to unseen documents).")
     paraphrases: int = Field(0, ge=0, le=10, description="Rewordings added per train question (Ovadia et al. 2023).")
+    decontaminate: tuple[Literal["question", "answer", "span"], ...] = Field(
+        ("question", "answer", "span"), description="Remove train pairs that match an eval question on any of these: "
+        "the normalised question, the normalised answer, or an overlapping evidence span in the same document.")
     seed: int = Field(0, description="Seed of the split and sampling.")
     openai: OpenAISpec | None = Field(None, description="Settings of the openai generator.")
     model: ModelGeneratorSpec | None = Field(None, description="Settings of the model generator.")

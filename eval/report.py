@@ -1,79 +1,39 @@
 """The reviewers' report: report.md and a self-contained report.html (plots inlined as PNG).
 
-Everything in it comes from one summary dict the eval stage builds, so the Markdown, the
-HTML and the Prefect artifacts can never disagree.
+Everything in it comes from one summary dict the eval stage builds (its keys are documented in
+tasks/evaluate.py), so the Markdown, the HTML and the Prefect artifacts can never disagree.
+Sections, in the order a reviewer reads them: the verdict; what was compared (each arm's
+model, training data and context); the 2x2 of generator x retrieval with the references
+beside it; the comparisons as data; the split by whether retrieval found the source; every
+arm's scores and failure rates; retrieval; leakage; training; stages; lineage; disagreements.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def f1_chart(arms: dict[str, dict[str, Any]]) -> bytes:
-    """Bar chart of F1 per arm with 95% bootstrap error bars."""
-    names = list(arms)
-    f1 = [arms[a]["f1"] for a in names]
-    err = [[arms[a]["f1"] - arms[a]["f1_ci"][0] for a in names], [arms[a]["f1_ci"][1] - arms[a]["f1"] for a in names]]
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    ax.bar(names, f1, yerr=err, capsize=4, color=["#4477aa" if a != "rag" else "#ee6677" for a in names])
-    ax.set_ylabel("token F1 (95% CI)")
-    ax.set_ylim(0, max(1e-3, max(hi for hi in (arms[a]["f1_ci"][1] for a in names))) * 1.15)
-    ax.set_title("Answer F1 by arm")
-    ax.tick_params(axis="x", rotation=20)
-    return _png(fig)
-
-
-def read_curve(path: Path) -> tuple[list[float], list[float], list[float], list[float]]:
-    """(steps, train losses, val steps, val losses) from a stage's loss_curve.csv."""
-    steps, train, vsteps, val = [], [], [], []
-    with path.open(encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row.get("train_loss"):
-                steps.append(float(row["step"] or 0))
-                train.append(float(row["train_loss"]))
-            if row.get("val_loss"):
-                vsteps.append(float(row["step"] or 0))
-                val.append(float(row["val_loss"]))
-    return steps, train, vsteps, val
-
-
-def loss_chart(curves: dict[str, Path]) -> bytes:
-    """One panel per training stage: train and validation loss against optimizer steps."""
-    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(3.2 * max(1, len(curves)), 2.8), squeeze=False)
-    for ax, (stage, path) in zip(axes[0], curves.items()):
-        steps, train, vsteps, val = read_curve(path)
-        ax.plot(steps, train, label="train", lw=1)
-        if val:
-            ax.plot(vsteps, val, "o-", label="validation", ms=3)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("loss")
-    axes[0][0].legend(fontsize=7)
-    return _png(fig)
+CHARTS = ("f1", "loss")  # the PNG files a report has (loss only when a stage left a curve)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
+        if x != x:  # NaN
+            return "–"
         return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
     return str(x)
+
+
+def _ci(value: Any, ci: Any, signed: bool = False) -> str:
+    """"0.412 [0.351, 0.470]"; "–" when there is no value."""
+    if value is None or not ci or ci[0] is None:
+        return _fmt(value)
+    f = "+.3f" if signed else ".3f"
+    return f"{value:{f}} [{ci[0]:{f}}, {ci[1]:{f}}]"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -82,25 +42,104 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def markdown(summary: dict[str, Any], images: dict[str, str], run: dict[str, Any] | None = None) -> str:
-    """The report as Markdown; `images` maps an image name to its link target. `run` (a run's own
-    report: its name and the previous eval of that name) adds the title and the change table."""
-    arms, n = summary["arms"], summary["questions"]
-    title = f"gristmill report: {run['name']}" if run else "gristmill report"
-    out = [f"# {title}", "", f"**Verdict:** {summary['verdict']}", "",
-           f"{n} questions ({summary['question_source']}); every arm gets the same prompt template, greedy decoding "
-           f"with at most {summary['max_new_tokens']} new tokens, and the same scorer (SQuAD-normalised).", "",
-           "## Arms", ""]
-    out += _table(["arm", "EM", "F1 [95% CI]", "ROUGE-L", "contains", "latency p50 / p95 (s)", "tokens",
-                   "ΔF1 vs rag [95% CI]", "p (F1, paired bootstrap)", "p (EM, McNemar)"],
-                  [[a, s["em"], f"{s['f1']:.3f} [{s['f1_ci'][0]:.3f}, {s['f1_ci'][1]:.3f}]", s["rouge_l"], s["contains"],
-                    f"{s['latency_p50_s']:.3f} / {s['latency_p95_s']:.3f}", f"{s['generated_tokens']:.1f}",
-                    "–" if s["f1_diff_vs_rag"] is None else
-                    f"{s['f1_diff_vs_rag']:+.3f} [{s['f1_diff_ci_vs_rag'][0]:+.3f}, {s['f1_diff_ci_vs_rag'][1]:+.3f}]",
-                    s["p_value_vs_rag"], s["p_value_em_vs_rag"]] for a, s in arms.items()])
-    out += ["", f"![F1 by arm]({images['f1']})", "", "## Retrieval", ""]
-    out += _table(list(summary["retrieval"]), [list(summary["retrieval"].values())])
-    out += ["", "A hit: a retrieved chunk contains a gold answer, or is the question's source passage.", ""]
+def _design(summary: dict[str, Any]) -> list[str]:
+    out = ["## What was compared", "",
+           f"{summary['questions']} questions ({summary['question_source']}); every arm gets the same prompt template, "
+           f"greedy decoding with at most {summary['max_new_tokens']} new tokens, and the same scorer "
+           "(SQuAD-normalised token F1). Retrieved context: the top "
+           f"{summary['k']} passages ({summary['retrieval']['retriever']} retrieval).", ""]
+    out += _table(["arm", "role", "generator", "trained on", "context"],
+                  [[d["arm"], d["role"], d["model"], d["trained_on"], d["context"]] for d in summary["design"]])
+    refused = summary.get("refused") or {}
+    if refused.get("count"):
+        out += ["", f"{refused['count']} question(s) were not scored: every gold answer normalises to nothing "
+                f"({', '.join(refused['ids'][:10])})."]
+    return out + [""]
+
+
+def _two_by_two(summary: dict[str, Any]) -> list[str]:
+    arms = summary["arms"]
+    cell = lambda a: _ci(arms[a]["f1"], arms[a]["f1_ci"]) if a in arms else "not run"
+    out = ["## Generator × retrieval (F1, 95% CI)", ""]
+    out += _table(["generator", "closed book", f"top-{summary['k']} retrieved"],
+                  [["fine-tuned", cell("finetuned"), cell("finetuned+rag")],
+                   ["rag generator", cell("reader"), cell("rag")]])
+    refs = [f"`{a}` {cell(a)} (n={arms[a]['n']})" for a in ("gold", "rag-extractive") if a in arms]
+    if refs:
+        out += ["", "References, never a winner: " + "; ".join(refs) + ". `gold` is the reading ceiling (the rag "
+                "generator given the question's source passage); `rag-extractive` answers with the retrieved "
+                "sentence closest to the question, without a generator."]
+    return out + [""]
+
+
+def _comparisons(summary: dict[str, Any]) -> list[str]:
+    if not summary["comparisons"]:
+        return []
+    out = ["## The comparisons", "",
+           "Paired on the same questions; intervals and p-values from one bootstrap over documents (questions of "
+           "a document move together); Holm's correction across the comparisons made. MDD: the smallest F1 "
+           "difference this design detects with 80% power.", ""]
+    out += _table(["comparison", "ΔF1 [95% CI]", "p", "p (Holm)", "questions", "documents", "MDD", "winner"],
+                  [[f"{c['a']} − {c['b']}", _ci(c["diff"], c["ci"], signed=True), c["p"], c["p_adjusted"], c["n"],
+                    c["n_clusters"], c["mdd"], c["winner"] or "none"] for c in summary["comparisons"]])
+    return out + [""]
+
+
+def _by_retrieval(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("by_retrieval") or []
+    if not rows:
+        return []
+    names = [a for a in summary["arms"] if any(a in r["f1"] for r in rows)]
+    out = ["## When retrieval found the source, and when it did not", "",
+           "Mean F1 of each arm on the questions whose source passage was among the passages the generator saw, "
+           "and on the rest. A fine-tuned model that wins only where retrieval missed is compensating for the "
+           "retriever, not reading better.", ""]
+    out += _table(["subset", "questions", *names], [[r["subset"], r["n"], *[r["f1"].get(a) for a in names]] for r in rows])
+    return out + [""]
+
+
+def _arms(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
+    out = ["## Every arm", "",
+           "Failure rates first: an empty answer, one cut at the token limit, or one that repeats itself is a "
+           "formatting failure, not missing knowledge.", ""]
+    out += _table(["arm", "n", "EM", "F1 [95% CI]", "ROUGE-L", "contains", "empty", "unfinished", "repetitive",
+                   "passages dropped", "latency p50 / p95 (s)", "tokens"],
+                  [[a, s["n"], s["em"], _ci(s["f1"], s["f1_ci"]), s["rouge_l"], s["contains"], s["empty_rate"],
+                    s["unfinished_rate"], s["repetitive_rate"], s.get("passages_dropped"),
+                    f"{s['latency_p50_s']:.3f} / {s['latency_p95_s']:.3f}", f"{s['generated_tokens']:.1f}"]
+                   for a, s in summary["arms"].items()])
+    return out + ["", f"![F1 by arm]({images['f1']})", ""]
+
+
+def _retrieval(summary: dict[str, Any]) -> list[str]:
+    r = summary["retrieval"]
+    out = ["## Retrieval", ""]
+    out += _table(["hits", *r["strict"]], [["strict", *r["strict"].values()], ["lenient", *r["lenient"].values()]])
+    return out + ["", "Strict: a chunk overlapping the question's source span when it is known; else a chunk of its "
+                  "source document holding a gold answer on word boundaries; else a word-boundary match of a gold "
+                  "answer of at least two tokens. Lenient (the old rule): any chunk containing a gold answer as a "
+                  "substring. recall@seen: at the depth the generator actually saw after prompt fitting.", ""]
+
+
+def _leakage(summary: dict[str, Any]) -> list[str]:
+    leak = summary.get("leakage")
+    if not leak:
+        return []
+    shared = leak["shared"]
+    n = shared["eval_questions"] or 1
+    out = ["## Leakage between training and evaluation", ""]
+    out += _table(["eval questions that share with the train pairs", "count", "share"],
+                  [[what, shared[key], shared[key] / n] for key, what in
+                   (("sharing_document", "their source document"), ("sharing_span", "their evidence span"),
+                    ("sharing_answer", "their answer (normalised)"))])
+    out += ["", f"Split: {leak['split_by']}. Decontamination removed train pairs matching an eval question by "
+            f"{', '.join(leak['decontaminate']) or 'nothing'}: {leak['decontaminated']}. "
+            f"{leak['pretraining']}", ""]
+    return out
+
+
+def _provenance(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
+    out = []
     if "loss" in images:
         out += ["## Training", "", f"![Loss curves]({images['loss']})", ""]
     out += ["## Stages", ""]
@@ -108,31 +147,39 @@ def markdown(summary: dict[str, Any], images: dict[str, str], run: dict[str, Any
                   [[s["stage"], s["fingerprint"], s["wall_s"], s["device"], s["gpu_hours"]] for s in summary["stages"]])
     out += ["", "## Lineage", ""]
     out += _table(["what", "count"], [[k, v] for k, v in summary["lineage"].items()])
+    names = list(summary["arms"])
     out += ["", "## Where the arms disagree", ""]
-    names = list(arms)
-    out += _table(["question", "gold", *names],
-                  [[d["question"], d["gold"], *[d["answers"][a] for a in names]] for d in summary["disagreements"]])
-    prev = (run or {}).get("previous")
-    if prev:
-        out += ["", f"## Change since the previous eval of {run['name']}", "",
-                f"Against eval {prev['fingerprint']} ({prev['created_at']}); each cell is now (change).", ""]
-        metrics = ("em", "f1", "rouge_l", "contains")
-        out += _table(["arm", *metrics], [[a, *[f"{arms[a][m]:.3f} ({arms[a][m] - then[m]:+.3f})" for m in metrics]]
-                                          for a, then in prev["arms"].items() if a in arms])
-        out += ["", "Retrieval: " + ", ".join(f"{k} {v:.3f} ({v - prev['retrieval'].get(k, v):+.3f})"
-                                              for k, v in summary["retrieval"].items())]
+    out += _table(["question", "reference answer", *[f"arm: {a}" for a in names]],
+                  [[d["question"], d["reference"], *[d["answers"].get(a) for a in names]] for d in summary["disagreements"]])
+    return out
+
+
+def _change(summary: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    prev = run.get("previous")
+    if not prev:
+        return []
+    arms = summary["arms"]
+    metrics = ("em", "f1", "rouge_l", "contains")
+    out = ["", f"## Change since the previous eval of {run['name']}", "",
+           f"Against eval {prev['fingerprint']} ({prev['created_at']}); each cell is now (change).", ""]
+    out += _table(["arm", *metrics], [[a, *[f"{arms[a][m]:.3f} ({arms[a][m] - then[m]:+.3f})"
+                                            if arms[a][m] is not None and then.get(m) is not None else "–"
+                                            for m in metrics]]
+                                      for a, then in prev["arms"].items() if a in arms])
+    now, then = summary["retrieval"]["strict"], prev["retrieval"].get("strict", {})
+    out += ["", "Retrieval (strict): " + ", ".join(f"{k} {v:.3f} ({v - then.get(k, v):+.3f})" for k, v in now.items())]
+    return out
+
+
+def markdown(summary: dict[str, Any], images: dict[str, str], run: dict[str, Any] | None = None) -> str:
+    """The report as Markdown; `images` maps an image name to its link target. `run` (a run's own
+    report: its name and the previous eval of that name) adds the title and the change table."""
+    title = f"gristmill report: {run['name']}" if run else "gristmill report"
+    out = [f"# {title}", "", f"**Verdict:** {summary['verdict']}", ""]
+    out += _design(summary) + _two_by_two(summary) + _comparisons(summary) + _by_retrieval(summary)
+    out += _arms(summary, images) + _retrieval(summary) + _leakage(summary) + _provenance(summary, images)
+    out += _change(summary, run) if run else []
     return "\n".join(out) + "\n"
-
-
-CHARTS = ("f1", "loss")  # the PNG files a report has (loss only when a stage left a curve)
-
-
-def charts(summary: dict[str, Any], curves: dict[str, Path]) -> dict[str, bytes]:
-    """{chart name: PNG bytes}: F1 by arm, and the loss curves of the training stages."""
-    pngs = {"f1": f1_chart(summary["arms"])}
-    if curves:
-        pngs["loss"] = loss_chart(curves)
-    return pngs
 
 
 def write_report(out: Path, summary: dict[str, Any], pngs: dict[str, bytes], run: dict[str, Any] | None = None) -> None:

@@ -24,9 +24,11 @@ from data_specs.loader import load_spec
 from eval.questions import load_questions
 from data_specs.errors import InputError, StageError
 from tasks.core.keys import Placement, local_device
-from tasks.core.runner import DEFAULT_STORE, PlannedStage, pipeline, plan, prepare_run, resolve_store
+from tasks.core.runner import (DEFAULT_STORE, PlannedStage, RunPlan, StageResult, cached_results, pipeline, plan,
+                               prepare_run, resolve_store)
 from tasks.run_report import publish_run_report, run_report_location
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+log = logging.getLogger("gristmill")
 
 
 def _offline_defaults() -> None:
@@ -90,14 +92,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                       trust_remote_code=args.trust_remote_code, placement=_placement(args))
     print(f"run {run.spec.name} ({args.spec}), store {run.store.url}")
     _print_plan(run.stages)
+    results = _all_cached(run) if _without_prefect_server() else None
+    if results is None:
+        from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
 
-    from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
-
-    _start_prefect_server()
-    state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
-                               gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
-                               gpu_device=args.gpu_device, return_state=True)
-    results = state.result()  # raises the InputError or stage failure that ended the run
+        _start_prefect_server()
+        state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
+                                   gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
+                                   gpu_device=args.gpu_device, return_state=True)
+        results = state.result()  # raises the InputError or stage failure that ended the run
     print("done:")
     width = max(len(r.name) for r in results)
     for r in results:
@@ -105,6 +108,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if results[-1].name == "eval":
         print(_report_paths(run.store, run.spec.name))
     return EXIT_OK
+
+
+def _without_prefect_server() -> bool:
+    """True when no Prefect server is configured (PREFECT_API_URL unset): a run would start
+    Prefect's temporary local server, whose record of the run nobody else sees."""
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
+def _all_cached(run: RunPlan) -> list[StageResult] | None:
+    """The results of a run whose every stage the store holds, looked up without Prefect (starting
+    its temporary server costs ~10 s and records nothing a team sees); None when anything must
+    run. A team's server (PREFECT_API_URL) always gets the run through Prefect, to keep its record."""
+    results = cached_results(run)
+    if results is not None:
+        log.info("every stage is cached; Prefect's temporary server not started")
+        if any(r.name == "eval" for r in results):
+            publish_run_report(run.store, run.spec.name, next(r for r in results if r.name == "eval").fingerprint)
+    return results
 
 
 def _report_paths(store, run_name: str) -> str:

@@ -62,7 +62,7 @@ def load_index(index: Index, ctx: RunContext):
     import faiss
 
     chunks = [Chunk(**row) for row in read_jsonl(index.path / Index.CHUNKS)]
-    embedder = load_embedder(index.embedder_folder, ctx.device, trust_remote_code=ctx.trust_remote_code)
+    embedder = load_embedder(index.folder, ctx.device, trust_remote_code=ctx.trust_remote_code)
     return chunks, faiss.read_index(str(index.path / Index.FAISS)), embedder
 
 

@@ -51,7 +51,7 @@ def build(cfg: IndexSpec, inputs: IndexInputs, out: Path, ctx: RunContext) -> Me
     build_s = time.perf_counter() - start
     faiss.write_index(index, str(out / Index.FAISS))
     write_jsonl(out / Index.CHUNKS, (dataclasses.asdict(c) for c in chunks))
-    link_tree(source, out / Index.EMBEDDER)  # hard links when the store shares the disk: no copy
+    link_tree(source, Index.folder_in(out))  # hard links when the store shares the disk: no copy
     return {"chunks": len(chunks), "documents": len(docs), "dim": int(vectors.shape[1]), "kind": cfg.kind,
             "embed_s": round(embed_s, 3), "chunks_per_s": round(len(chunks) / max(embed_s, 1e-9), 1),
             "build_s": round(build_s, 3), "embedder": "index.embedder" if cfg.embedder else _packaged()}

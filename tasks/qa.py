@@ -6,12 +6,14 @@ Writes:  train.jsonl and eval.jsonl (id, question, answer, doc_id, span, generat
          lines also carry `answers`, paraphrases `paraphrase_of`) and rejects.jsonl (every
          candidate pair not kept, with its reason).
 Metrics: documents, pairs_generated, pairs_kept, rejected_by_reason, train, eval,
-         decontaminated, paraphrases, unparseable.
+         decontaminated, decontaminated_by_key, leakage (eval questions sharing a document, a
+         span or an answer with the train pairs), paraphrases, unparseable.
 Alone:   gristmill run SPEC --only qa
 
 The split is deterministic by seed: a hash of the question (split_by: question) or of the
-document id (split_by: document) against eval_fraction. Decontamination: no train question
-(paraphrases included) equals an eval question after normalisation. A generated answer that
+document id (split_by: document) against eval_fraction. Decontamination (`qa.decontaminate`,
+tasks/qagen/leakage.py) removes train pairs matching an eval question by normalised question,
+normalised answer or overlapping span; what is still shared is counted. A generated answer that
 is not found verbatim in its document is rejected (answer_not_in_document): every kept
 answer is grounded in the corpus, which keeps the RAG-vs-fine-tune comparison fair. With `eval.questions`
 every generated pair is train, less those matching one of the reviewer's questions.
@@ -32,6 +34,7 @@ from tasks.core.artifacts import Documents, Pairs
 from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.qagen.common import Pair, normalize_question, reject_reason
+from tasks.qagen.leakage import PairIndex, shared_counts
 from tasks.train.lm_data import hash_unit
 
 
@@ -113,17 +116,18 @@ def build(cfg: QASpec, inputs: QAInputs, out: Path, ctx: RunContext) -> Metrics:
     kept = _filter(candidates, cfg, rejects)
     train_pairs, eval_rows = _split(kept, cfg, ctx.fields["eval.questions"])
 
-    eval_questions = {normalize_question(r["question"]) for r in eval_rows}
-    train_rows, decontaminated = [], 0
+    held = PairIndex.of(eval_rows)
+    train_rows, decontaminated = [], Counter()
     for pair in train_pairs:
-        if normalize_question(pair.question) in eval_questions:
-            decontaminated += 1
-            rejects.append({**_row(pair, "rejected"), "reason": "matches_eval_question"})
+        key = held.match(pair.question, pair.answer, pair.doc_id, pair.span, cfg.decontaminate)
+        if key:
+            decontaminated[key] += 1
+            rejects.append({**_row(pair, "rejected"), "reason": f"matches_eval_{key}"})
             continue
         train_rows.append(_row(pair, "train"))
         for i, question in enumerate(paraphrase(pair, cfg.paraphrases) if cfg.paraphrases else []):
-            if normalize_question(question) in eval_questions:
-                decontaminated += 1
+            if held.match(question, pair.answer, pair.doc_id, pair.span, ("question",)):
+                decontaminated["question"] += 1  # a rewording that says an eval question word for word
                 continue
             row = _row(Pair(question, pair.answer, pair.doc_id, pair.span, pair.generator), "train")
             train_rows.append({**row, "id": f"{pair_id(pair)}-p{i + 1}", "paraphrase_of": pair_id(pair)})
@@ -136,7 +140,9 @@ def build(cfg: QASpec, inputs: QAInputs, out: Path, ctx: RunContext) -> Metrics:
     return {
         "documents": len(docs), "pairs_generated": len(candidates), "pairs_kept": len(kept),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "train": len(train_rows), "eval": len(eval_rows), "decontaminated": decontaminated,
+        "train": len(train_rows), "eval": len(eval_rows), "decontaminated": sum(decontaminated.values()),
+        "decontaminated_by_key": {k: decontaminated[k] for k in cfg.decontaminate},
+        "leakage": shared_counts(eval_rows, train_rows),
         "paraphrases": sum(1 for r in train_rows if "paraphrase_of" in r),
         "by_generator": dict(sorted(Counter(p.generator for p in kept).items())), **stats,
     }

@@ -32,8 +32,8 @@ from eval.prompts import chat
 from tasks.core.artifacts import Documents, Model, Pairs
 from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
-from tasks.train.finetune import (finetune_resolution, history, lora_config, save_models, tokens_per_second, train,
-                                  trainer_kwargs, write_history)
+from tasks.train.finetune import (finetune_resolution, history, save_models, supervised, tokens_per_second,
+                                  write_history)
 from tasks.train.lm_data import hash_unit, is_validation
 
 
@@ -77,6 +77,14 @@ def answer_f1(model, tokenizer, sample: list[dict], max_new_tokens: int) -> floa
     return mean(token_f1(a.text, [p["answer"]]) for p, a in zip(sample, answers))
 
 
+def readable_documents(docs: dict[str, str], train: list[dict], held_out: list[dict]) -> dict[str, str]:
+    """The documents grounded examples may show: all but held-out ones (documents with eval
+    questions and no train pair, as split_by: document makes them), so an unseen document stays
+    unseen by SFT, even as a distractor."""
+    held = {str(r["doc_id"]) for r in held_out if r.get("doc_id") is not None} - {str(p["doc_id"]) for p in train}
+    return {d: text for d, text in docs.items() if d not in held}
+
+
 def fixed_sample(pairs: list[dict], n: int, seed: int) -> list[dict]:
     """The same train questions before and after, chosen by a hash of their id and the seed."""
     return sorted(pairs, key=lambda p: hash_unit(seed, p["id"]))[:n]
@@ -91,13 +99,10 @@ class SFTInputs:
 
 def build(cfg: SFTSpec, inputs: SFTInputs, out: Path, ctx: RunContext) -> Metrics:
     """Fine-tunes with TRL and writes the adapter and the merged model."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     model, tokenizer = inputs.model.load(ctx.trust_remote_code)
     max_length = cfg.max_length or model.config.max_position_embeddings
     pairs = inputs.pairs.train()
-    docs = inputs.documents.texts_by_id()
+    docs = readable_documents(inputs.documents.texts_by_id(), pairs, inputs.pairs.held_out())
     sample = fixed_sample([p for p in pairs if "paraphrase_of" not in p], cfg.answer_sample, cfg.seed)
     f1_before = answer_f1(model, tokenizer, sample, cfg.max_new_tokens)
 
@@ -107,13 +112,8 @@ def build(cfg: SFTSpec, inputs: SFTInputs, out: Path, ctx: RunContext) -> Metric
     grounded = [r for r in train_rows if len(r["messages"][0]["content"]) > len(r["question"])]
     write_jsonl(out / "examples_sample.jsonl", grounded[:10] + [r for r in train_rows if r not in grounded][:10])
 
-    peft = lora_config(cfg.lora, model, "sft") if cfg.lora else None
     packing = ctx.resolved["packing"]
-    args = SFTConfig(**trainer_kwargs(cfg, ctx, max_length), packing=packing, assistant_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
-                         train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
-                         eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
-    resumed = train(trainer, ctx.work, "sft", time_limit=ctx.resources.time_limit)
+    trainer, resumed = supervised(cfg, model, tokenizer, train_rows, val_rows, ctx, "sft", max_length, packing)
     # None when no validation example kept an assistant token within max_length (TRL then
     # evaluates nothing and reports no loss); the stage's other metrics still stand.
     val_loss = trainer.evaluate().get("eval_loss")

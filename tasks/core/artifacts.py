@@ -27,10 +27,22 @@ from tasks.core.store import RECORD, ArtifactRecord
 
 @dataclass(frozen=True)
 class Artifact:
-    """A finished artifact a stage reads: its local folder and its record."""
+    """A finished artifact a stage reads: its local folder and its record. A kind whose payload is
+    one folder names it in FOLDER; producers write there (`folder_in(out)`), consumers read
+    `.folder`."""
 
     path: Path
     record: ArtifactRecord
+    FOLDER: ClassVar[str] = ""
+
+    @classmethod
+    def folder_in(cls, out: Path) -> Path:
+        """Where a producer writes this kind's payload folder."""
+        return out / cls.FOLDER
+
+    @property
+    def folder(self) -> Path:
+        return self.path / self.FOLDER
 
     @classmethod
     def at(cls, path: Path) -> Artifact:
@@ -55,18 +67,9 @@ class Documents(Artifact):
 
     FOLDER: ClassVar[str] = "documents"
 
-    @classmethod
-    def folder_in(cls, out: Path) -> Path:
-        """Where a producer writes its documents."""
-        return out / cls.FOLDER
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Every document, in file order."""
-        return iter_documents(self.path / self.FOLDER)
-
-    @property
-    def folder(self) -> Path:
-        return self.path / self.FOLDER
+        return iter_documents(self.folder)
 
     def texts_by_id(self) -> dict[str, str]:
         """{document id: text}."""
@@ -88,14 +91,6 @@ class Tokenizer(Artifact):
 
     FOLDER: ClassVar[str] = "tokenizer"
 
-    @classmethod
-    def folder_in(cls, out: Path) -> Path:
-        return out / cls.FOLDER
-
-    @property
-    def folder(self) -> Path:
-        return self.path / self.FOLDER
-
     def load(self, trust_remote_code: bool):
         from tasks.train.loading import load_tokenizer
 
@@ -107,14 +102,6 @@ class Model(Artifact):
 
     FOLDER: ClassVar[str] = "model"
     CURVE: ClassVar[str] = "loss_curve.csv"
-
-    @classmethod
-    def folder_in(cls, out: Path) -> Path:
-        return out / cls.FOLDER
-
-    @property
-    def folder(self) -> Path:
-        return self.path / self.FOLDER
 
     @property
     def loss_curve(self) -> Path | None:
@@ -164,11 +151,7 @@ class Index(Artifact):
 
     CHUNKS: ClassVar[str] = "chunks.jsonl"
     FAISS: ClassVar[str] = "index.faiss"
-    EMBEDDER: ClassVar[str] = "embedder"
-
-    @property
-    def embedder_folder(self) -> Path:
-        return self.path / self.EMBEDDER
+    FOLDER: ClassVar[str] = "embedder"  # the embedder that embedded the chunks (and embeds questions)
 
 
 class Report(Artifact):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterator
+
+from eval.metrics import normalize_answer
 from dataclasses import dataclass
 
 
@@ -48,6 +50,8 @@ def reject_reason(pair: Pair, min_chars: int, max_chars: int) -> str | None:
         return "answer_in_question"
     if re.fullmatch(r"[\W_]+", answer):
         return "answer_only_punctuation"
+    if not normalize_answer(answer):  # "The", "a": nothing left for the scorer to match
+        return "answer_normalises_empty"
     return None
 
 

@@ -63,6 +63,23 @@ def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict
     )
 
 
+def supervised(spec: FinetuneSpec, model, tokenizer, train_rows: list[dict], val_rows: list[dict], ctx: RunContext,
+               label: str, max_length: int, packing: bool):
+    """Runs TRL's SFTTrainer on chat examples ({"messages": [...]}) with the loss on assistant
+    tokens only; returns (trainer, the step it resumed from). The one SFT recipe: the sft stage
+    and the reader stage both train through it, so they differ only in their examples."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    peft = lora_config(spec.lora, model, label) if spec.lora else None
+    args = SFTConfig(**trainer_kwargs(spec, ctx, max_length), packing=packing, assistant_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
+                         train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
+                         eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]))
+    resumed = train(trainer, ctx.work, label, time_limit=ctx.resources.time_limit if ctx.resources else None)
+    return trainer, resumed
+
+
 def last_checkpoint(work: Path) -> tuple[str | None, int]:
     """(the newest complete checkpoint folder a killed run left, its step), or (None, 0).
 

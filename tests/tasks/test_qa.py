@@ -55,9 +55,11 @@ def test_metrics_and_files(qa_run):
     m = qa_run["qa"].record.metrics
     assert m["documents"] == 30
     assert m["pairs_kept"] == m["pairs_generated"] - sum(
-        v for k, v in m["rejected_by_reason"].items() if k != "matches_eval_question")
+        v for k, v in m["rejected_by_reason"].items() if not k.startswith("matches_eval_"))
     assert m["train"] == len(rows(qa_run["qa"], "train.jsonl")) and m["eval"] == len(rows(qa_run["qa"], "eval.jsonl"))
-    assert m["paraphrases"] > 0 and m["train"] + m["eval"] >= m["pairs_kept"]
+    originals = m["train"] - m["paraphrases"]
+    assert m["paraphrases"] > 0 and originals + m["eval"] + sum(m["decontaminated_by_key"].values()) == m["pairs_kept"]
+    assert set(m["leakage"]) == {"eval_questions", "sharing_document", "sharing_span", "sharing_answer"}
     for row in rows(qa_run["qa"], "train.jsonl"):
         assert set(row) >= {"id", "question", "answer", "doc_id", "span", "generator", "split"}
         assert row["split"] == "train"
@@ -140,3 +142,47 @@ def test_rule_generator_patterns_and_paraphrases():
     for p in pairs.values():
         assert text[p.span[0]:p.span[1]] == p.answer
     assert paraphrases(pairs["rule:member"], 2) == ["What is `bisect.insort()` used for?", "Explain what `bisect.insort()` does."]
+
+
+# ---------------------------------------------------------------- leakage
+
+def _pair(q, a, doc, span):
+    return {"question": q, "answer": a, "doc_id": doc, "span": span}
+
+
+def test_leakage_counts_on_a_constructed_case():
+    from tasks.qagen.leakage import shared_counts
+
+    eval_rows = [_pair("What does `f` do?", "It returns one.", "d1", [10, 25]),    # doc + span + answer shared
+                 _pair("What is g?", "A thing.", "d2", [0, 8]),                    # doc shared, span apart
+                 _pair("Define h.", "The answer", "d3", [5, 15]),                  # answer shared only
+                 _pair("Why k?", "Because.", "d4", None)]                          # nothing shared
+    train_rows = [_pair("Explain f.", "it returns ONE", "d1", [12, 30]),
+                  _pair("What is g2?", "Other.", "d2", [20, 30]),
+                  _pair("What is x?", "answer", "d9", [0, 6])]
+    assert shared_counts(eval_rows, train_rows) == {"eval_questions": 4, "sharing_document": 2, "sharing_span": 1,
+                                                   "sharing_answer": 2}
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (("question",), "question"), (("answer",), "answer"), (("span",), "span"), ((), None),
+])
+def test_decontamination_matches_on_the_chosen_keys(keys, expected):
+    from tasks.qagen.leakage import PairIndex
+
+    held = PairIndex.of([_pair("What does `f` do?", "It returns one.", "d1", [10, 25])])
+    probes = {"question": ("what does f do", "Something else", "d7", None),
+              "answer": ("Another question?", "it returns one", "d7", None),
+              "span": ("Another question?", "Other answer", "d1", [20, 40])}
+    for key, probe in probes.items():
+        assert held.match(*probe, keys) == (key if key in keys else None)
+    assert held.match("Unrelated?", "Unrelated.", "d1", [25, 30], ("span",)) is None  # touching, not overlapping
+    assert held.match("What does `f` do?", "x", None, None, keys) == ("question" if "question" in keys else None)
+    assert expected in (None, *keys)
+
+
+def test_answers_that_normalise_to_empty_are_rejected():
+    from tasks.qagen.common import Pair, reject_reason
+
+    assert reject_reason(Pair("What is it?", "The", "d", (0, 3), "rule"), 3, 300) == "answer_normalises_empty"
+    assert reject_reason(Pair("What is it?", "The cat", "d", (0, 7), "rule"), 3, 300) is None

@@ -1,0 +1,81 @@
+"""The report's plots, as PNG bytes: F1 by arm with intervals, and the training loss curves."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROLE_COLOURS = {"answer": "#4477aa", "control": "#aaaaaa", "reference": "#ccbb44"}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _finite(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
+
+
+def f1_chart(arms: dict[str, dict[str, Any]]) -> bytes:
+    """F1 per arm with its 95% interval (documents resampled), coloured by role: the arms that
+    answer, the control, the references."""
+    names = list(arms)
+    f1 = [_finite(arms[a]["f1"]) for a in names]
+    lo = [_finite(arms[a]["f1_ci"][0]) if arms[a]["f1_ci"][0] is not None else f for a, f in zip(names, f1)]
+    hi = [_finite(arms[a]["f1_ci"][1]) if arms[a]["f1_ci"][1] is not None else f for a, f in zip(names, f1)]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(names, f1, yerr=[[max(0.0, f - l) for f, l in zip(f1, lo)], [max(0.0, h - f) for f, h in zip(f1, hi)]],
+           capsize=4, color=[ROLE_COLOURS.get(arms[a].get("role", "answer"), "#4477aa") for a in names])
+    ax.set_ylabel("token F1 (95% CI)")
+    ax.set_ylim(0, max(1e-3, max(hi, default=0.0)) * 1.15)
+    ax.set_title("Answer F1 by arm (blue: answers; grey: control; yellow: references)")
+    ax.tick_params(axis="x", rotation=20)
+    return _png(fig)
+
+
+def read_curve(path: Path) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(steps, train losses, val steps, val losses) from a stage's loss_curve.csv."""
+    steps, train, vsteps, val = [], [], [], []
+    with path.open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("train_loss"):
+                steps.append(float(row["step"] or 0))
+                train.append(float(row["train_loss"]))
+            if row.get("val_loss"):
+                vsteps.append(float(row["step"] or 0))
+                val.append(float(row["val_loss"]))
+    return steps, train, vsteps, val
+
+
+def loss_chart(curves: dict[str, Path]) -> bytes:
+    """One panel per training stage: train and validation loss against optimizer steps."""
+    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(3.2 * max(1, len(curves)), 2.8), squeeze=False)
+    for ax, (stage, path) in zip(axes[0], curves.items()):
+        steps, train, vsteps, val = read_curve(path)
+        ax.plot(steps, train, label="train", lw=1)
+        if val:
+            ax.plot(vsteps, val, "o-", label="validation", ms=3)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].legend(fontsize=7)
+    return _png(fig)
+
+
+def charts(summary: dict[str, Any], curves: dict[str, Path]) -> dict[str, bytes]:
+    """{chart name: PNG bytes}: F1 by arm, and the loss curves of the training stages."""
+    pngs = {"f1": f1_chart(summary["arms"])}
+    if curves:
+        pngs["loss"] = loss_chart(curves)
+    return pngs
