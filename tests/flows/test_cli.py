@@ -66,7 +66,7 @@ def test_plan_json(built_store):
                                           "index", "eval"]
     assert all(not r["cached"] and r["reason"] == "never built" for r in rows[2:])
     for row in rows[:2]:
-        assert set(row) == {"stage", "fingerprint", "cached", "reason", "path"}
+        assert set(row) == {"stage", "fingerprint", "cached", "reason", "path", "resolved"}
         assert row["cached"] is True and row["reason"] is None
         assert Path(row["path"]) == artifacts(built_store)[row["stage"]]
 

@@ -95,4 +95,4 @@ def test_tiny_on_s3_then_cached_then_only_eval(s3_env):
     assert only.returncode == 0, only.stderr[-4000:]
     assert states(only.stdout) == {"eval": "built"}, only.stdout
     report = gristmill(s3_env, "report", str(TINY), "--store", store)
-    assert report.returncode == 0 and f"{store}/eval/" in report.stdout, report.stdout + report.stderr
+    assert report.returncode == 0 and f"{store}/runs/tiny/report.html" in report.stdout, report.stdout + report.stderr

@@ -47,9 +47,9 @@ class Golden:
 
 def needs(stage: str) -> set[str]:
     """Every stage that `stage` reads, directly or not."""
-    from tasks.core.runner import ancestors
+    from tasks.registry import PIPELINE
 
-    return ancestors(stage)
+    return PIPELINE.ancestors(stage)
 
 
 def payload(record: dict[str, Any]) -> dict[str, str]:

@@ -48,7 +48,7 @@ def moved_aside(store: Path, stage: str) -> list[Path]:
 @pytest.mark.slow
 def test_truncated_file_shows_in_plan_and_is_rebuilt_through_the_cli(golden, tmp_path):
     store = seeded(golden, tmp_path, "ingest", "dedup", "tokenizer")
-    damaged = artifact(store, golden, "tokenizer") / "tokenizer.json"
+    damaged = artifact(store, golden, "tokenizer") / "tokenizer" / "tokenizer.json"
     size = damaged.stat().st_size
     os.truncate(damaged, 100)
 
@@ -56,15 +56,15 @@ def test_truncated_file_shows_in_plan_and_is_rebuilt_through_the_cli(golden, tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = {r["stage"]: r for r in json.loads(proc.stdout)}["tokenizer"]
     assert row["cached"] is False
-    assert row["reason"] == f"damaged: tokenizer.json: 100 bytes, artifact.json says {size}"
+    assert row["reason"] == f"damaged: tokenizer/tokenizer.json: 100 bytes, artifact.json says {size}"
 
     proc = gristmill("run", str(TINY), "--store", str(store), "--until", "tokenizer")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokenizer  built" in proc.stdout
     [aside] = moved_aside(store, "tokenizer")
     assert aside.name.startswith(golden.fingerprint("tokenizer") + "-")
-    assert (aside / "tokenizer.json").stat().st_size == 100  # kept as found, for inspection
-    warning = f"tokenizer: artifact {artifact(store, golden, 'tokenizer')} is damaged (tokenizer.json: 100 bytes"
+    assert (aside / "tokenizer" / "tokenizer.json").stat().st_size == 100  # kept as found, for inspection
+    warning = f"tokenizer: artifact {artifact(store, golden, 'tokenizer')} is damaged (tokenizer/tokenizer.json: 100 bytes"
     assert warning in proc.stderr and f"moved aside to {aside}" in proc.stderr
     assert payload(finished(store)["tokenizer"]) == payload(golden.records["tokenizer"])
 

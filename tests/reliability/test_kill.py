@@ -277,7 +277,7 @@ def test_four_runs_started_together(four_runs: FourRuns, golden: Golden) -> None
     assert [Path(path) for _, _, path in reported[0]] == [store / s / done[s]["fingerprint"] for s in STAGES]
     assert {s: r["fingerprint"] for s, r in done.items()} == {s: golden.fingerprint(s) for s in STAGES}
     assert leftovers(store) == []
-    assert sorted(p.name for p in store.iterdir()) == sorted([".locks", ".work", *STAGES])
+    assert sorted(p.name for p in store.iterdir()) == sorted([".locks", ".work", "runs", *STAGES])
 
 
 def test_trl_checkpoint_killed_mid_save_resumes(golden: Golden, tmp_path: Path) -> None:

@@ -168,7 +168,23 @@ def test_a_later_eval_of_the_same_run_shows_what_changed(evaluated):
                            "eval": {"k": 2, "max_new_tokens": 16, "bootstrap": 300}})
     row = [r for r in plan(spec, factory.store) if r.name == "eval"][0]
     later = execute(row, spec, factory.store)
-    md = (Path(later.path) / "report.md").read_text()
+    from tasks.run_report import publish_run_report
+
+    md = (Path(publish_run_report(factory.store, spec.name, later.fingerprint)) / "report.md").read_text()
     assert f"## Change since the previous eval of {spec.name}" in md
     earlier = [r.fingerprint for r in factory.store.history("eval") if r.fingerprint != later.fingerprint]
     assert any(f"Against eval {fp}" in md for fp in earlier)  # it names the eval it compares against
+
+
+def test_the_eval_artifact_holds_no_run_name_and_each_run_report_its_own(evaluated):
+    """One fingerprint, one set of bytes: the run's name and the change table live in runs/<name>/."""
+    from tasks.run_report import publish_run_report
+
+    factory, results = evaluated
+    folder = Path(results["eval"].path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert (folder / "report.md").read_text().splitlines()[0] == "# gristmill report"
+    for name in ("team-a", "team-b"):
+        md = (Path(publish_run_report(factory.store, name, results["eval"].fingerprint)) / "report.md").read_text()
+        assert md.splitlines()[0] == f"# gristmill report: {name}"
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_two_processes_through_torchrun(tmp_path, strategy):
     assert m["processes"] == 2 and m["strategy"] == strategy
     assert m["batch_tokens_effective"] == 2048  # the effective batch is kept across processes
     assert m["val_loss_final"] < m["val_loss_initial"]
-    assert (result.record.files.keys() >= {"model.safetensors", "config.json", "loss_curve.csv"})
+    assert (result.record.files.keys() >= {"model/model.safetensors", "model/config.json", "loss_curve.csv"})
     from transformers import AutoModelForCausalLM  # the unsharded export loads as a plain model
 
-    AutoModelForCausalLM.from_pretrained(result.path)
+    AutoModelForCausalLM.from_pretrained(Path(result.path) / "model")
