@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.ingest import normalize_text
 from tasks.data.python_docs import write_python_docs
+from tasks.ingest import normalize_text
 from tasks.qagen.rules import _DEFINITION, _GRAMMAR, _MEMBER, rule_pairs
 
 

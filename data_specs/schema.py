@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-
 # Linux PATH_MAX and NAME_MAX, in bytes: a longer path fails in the OS, not with a clear message.
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 REMOTE_CODE_FIELD = "trust_remote_code"

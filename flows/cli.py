@@ -20,13 +20,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_specs.errors import InputError, StageError
 from data_specs.loader import load_spec
 from eval.questions import load_questions
-from data_specs.errors import InputError, StageError
 from tasks.core.keys import Placement, local_device
-from tasks.core.runner import (DEFAULT_STORE, PlannedStage, RunPlan, StageResult, cached_results, pipeline, plan,
-                               prepare_run, resolve_store)
+from tasks.core.runner import (
+    DEFAULT_STORE,
+    PlannedStage,
+    RunPlan,
+    StageResult,
+    cached_results,
+    pipeline,
+    plan,
+    prepare_run,
+    resolve_store,
+)
 from tasks.run_report import publish_run_report, run_report_location
+
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 log = logging.getLogger("gristmill")
 

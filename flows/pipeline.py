@@ -24,8 +24,8 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Failed, State
 from prefect.tasks import Task, exponential_backoff
 
-from data_specs.schema import RunSpec
 from data_specs.errors import InputError, StageError, TransientError
+from data_specs.schema import RunSpec
 from tasks.core.keys import Placement, local_device
 from tasks.core.runner import PlannedStage, RunPlan, StageResult, execute, gpu_count, pipeline, prepare_run
 from tasks.core.store import ArtifactStore

@@ -38,11 +38,11 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
 from data_specs.schema import DedupSpec, ExecutorSpec, NearDedupSpec
-from tasks.data.engine import run_pipeline, step_counts
 from tasks.core.artifacts import Documents
+from tasks.core.files import link_tree
 from tasks.core.jsonl import json_line, read_jsonl, write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
-from tasks.core.store import link_tree
+from tasks.data.engine import run_pipeline, step_counts
 
 MAX_HASHES = 128  # bands x rows; datatrove's default is 14 x 8 = 112
 

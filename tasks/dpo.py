@@ -31,8 +31,15 @@ from eval.prompts import chat
 from tasks.core.artifacts import Model, Pairs
 from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
-from tasks.train.finetune import (finetune_resolution, history, lora_config, save_models, train, trainer_kwargs,
-                                  write_history)
+from tasks.train.finetune import (
+    finetune_resolution,
+    history,
+    lora_config,
+    save_models,
+    train,
+    trainer_kwargs,
+    write_history,
+)
 
 # Final / initial values of noisy per-step logs: the mean over this share of the steps at each end.
 WINDOW = 0.2

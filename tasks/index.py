@@ -24,9 +24,9 @@ from typing import Any
 from data_specs.schema import IndexSpec, RunSpec
 from eval.rag import build_index, chunk_documents, default_embedder_path, embed
 from tasks.core.artifacts import Documents, Index
+from tasks.core.files import link_tree
 from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
-from tasks.core.store import link_tree
 from tasks.train.loading import load_embedder
 
 

@@ -25,9 +25,9 @@ from datatrove.pipeline.writers import JsonlWriter
 from data_specs.errors import InputError
 from data_specs.schema import CorpusSpec, Filters, JsonlSource, RunSpec, Source
 from tasks.core.artifacts import Documents
+from tasks.core.files import link_tree
 from tasks.core.fingerprint import file_digest
 from tasks.core.stage import Metrics, RunContext, Stage
-from tasks.core.store import link_tree
 from tasks.data.engine import run_pipeline, step_counts
 from tasks.data.python_docs import corpus_version, write_python_docs
 from tasks.data.readers import SourceFile, SourceReader, record_byte_limit, refusal, source_files

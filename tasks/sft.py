@@ -32,8 +32,7 @@ from eval.prompts import chat
 from tasks.core.artifacts import Documents, Model, Pairs
 from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
-from tasks.train.finetune import (finetune_resolution, history, save_models, supervised, tokens_per_second,
-                                  write_history)
+from tasks.train.finetune import finetune_resolution, history, save_models, supervised, tokens_per_second, write_history
 from tasks.train.lm_data import hash_unit, is_validation
 
 

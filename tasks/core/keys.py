@@ -16,8 +16,16 @@ from pydantic import BaseModel
 
 from data_specs.errors import InputError
 from data_specs.schema import RunSpec, cache_value
-from data_specs.views import (CONTENT, RUNTIME, KeyedView, RuntimeView, content_fields, content_kind, field_kind,
-                               resolve_path)
+from data_specs.views import (
+    CONTENT,
+    RUNTIME,
+    KeyedView,
+    RuntimeView,
+    content_fields,
+    content_kind,
+    field_kind,
+    resolve_path,
+)
 from tasks.core.fingerprint import code_closure, code_digest, file_digest, lib_versions, tree_digest
 from tasks.core.stage import Stage
 

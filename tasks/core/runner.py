@@ -21,11 +21,12 @@ from typing import Any
 from data_specs.errors import InputError, StageError
 from data_specs.schema import RunSpec
 from tasks.core.faults import DiskFault, diagnose, from_os_error
+from tasks.core.files import checksum_tree, make_gzip_reproducible
 from tasks.core.fingerprint import digest_key, explain_change, fresh, installed_version
 from tasks.core.graph import Graph
 from tasks.core.keys import Placement, stage_key, stage_view
 from tasks.core.stage import RunContext, Stage
-from tasks.core.store import ArtifactRecord, ArtifactStore, checksum_tree, make_gzip_reproducible, now_iso
+from tasks.core.store import ArtifactRecord, ArtifactStore, now_iso
 
 log = logging.getLogger("gristmill")
 

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
-from loguru import logger as loguru_logger
 from datatrove.pipeline.base import PipelineStep
+from loguru import logger as loguru_logger
 
-from data_specs.schema import ExecutorSpec
 from data_specs.errors import InputError, StageError
+from data_specs.schema import ExecutorSpec
 
 log = logging.getLogger("gristmill")
 

@@ -23,9 +23,9 @@ from typing import Any, BinaryIO
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from data_specs.errors import InputError
 from data_specs.schema import HFDatasetSource, JsonlSource, ParquetSource, Source, TextSource
 from data_specs.views import resolve_path
-from data_specs.errors import InputError
 
 # Raw content kept in the rejects file per record, in characters: enough to find and fix
 # the record, bounded so one 100 MB line cannot blow up the rejects file.

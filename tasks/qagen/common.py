@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from eval.metrics import normalize_answer
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

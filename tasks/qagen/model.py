@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from data_specs.schema import ModelGeneratorSpec
 from data_specs.errors import InputError
-from tasks.train.loading import load_causal_lm, load_tokenizer
+from data_specs.schema import ModelGeneratorSpec
 from tasks.qagen.common import Pair, locate, split_chunks
+from tasks.train.loading import load_causal_lm, load_tokenizer
 
 PROMPT = ("Read the passage, then write one question it answers and the answer copied from it.\n\n"
           "Passage:\n{chunk}\n\nQuestion:")

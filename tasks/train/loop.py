@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from data_specs.schema import OptimSpec
 from data_specs.errors import StageError
+from data_specs.schema import OptimSpec
 from tasks.core.artifacts import Model
 from tasks.core.progress import Progress
 

@@ -3,8 +3,8 @@
 
 import pytest
 
-from data_specs.loader import load_spec
 from data_specs.errors import InputError
+from data_specs.loader import load_spec
 from tests.conftest import REPO
 
 

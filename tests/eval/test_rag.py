@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from data_specs.errors import InputError
 from eval.arms import EvalQuestion, retrieve
 from eval.rag import build_index, chunk_documents, default_embedder_path, embed
-from tasks.train.loading import load_embedder
 from eval.scoring import recall_at
-from data_specs.errors import InputError
+from tasks.train.loading import load_embedder
 
 DOCS = [
     {"id": "bread", "text": "To bake bread, mix flour, water, yeast and salt, knead the dough and bake it at 230 degrees."},

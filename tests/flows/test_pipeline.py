@@ -9,10 +9,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import gristmill_pipeline, gristmill_stage
 from data_specs.errors import InputError, StageError, TransientError
-from tasks.registry import PIPELINE
+from flows.pipeline import gristmill_pipeline, gristmill_stage
 from tasks.core.runner import plan
+from tasks.registry import PIPELINE
 from tests.conftest import SpecFactory
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 
 from tasks.registry import PIPELINE
-
 from tests.conftest import REPO
 
 PREFECT = str(Path(sys.executable).parent / "prefect")

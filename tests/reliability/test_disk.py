@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import runner
 from data_specs.errors import InputError, StageError
+from tasks.core import runner
 from tasks.core.store import ArtifactStore
 from tests.conftest import REPO, TINY
 from tests.reliability.conftest import Golden, finished, payload

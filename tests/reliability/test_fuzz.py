@@ -33,11 +33,11 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from data_specs.errors import InputError
 from data_specs.loader import load_spec
 from eval.questions import MAX_LINE_BYTES, load_questions
-from data_specs.errors import InputError
-from tasks.ingest import build as ingest_build
 from tasks.core.runner import prepare_run
+from tasks.ingest import build as ingest_build
 from tests.conftest import REPO, doc_text
 
 FUZZ_EXAMPLES = int(os.environ.get("GRISTMILL_FUZZ_EXAMPLES", "40"))

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
-from data_specs.loader import load_spec
 from data_specs.errors import InputError
+from data_specs.loader import load_spec
 from tests.conftest import REPO, doc_text
 from tests.tasks.qagen.test_openai import KEY, KEY_ENV, server  # noqa: F401  (a fixture: the fake OpenAI endpoint)
 
@@ -155,9 +155,9 @@ def test_the_hostile_pickle_is_real(tmp_path: Path) -> None:
 
 def test_pickle_only_folders_are_refused_by_every_in_process_loader(tmp_path: Path) -> None:
     from eval.rag import load_embedder
-    from tasks.train.finetune import load_model
     from tasks.pretrain import load_checkpoint
     from tasks.qagen.model import load_generator
+    from tasks.train.finetune import load_model
 
     marker = tmp_path / "unpickled"
     folder = pickle_only_folder(tmp_path, marker)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dedup import lsh_bands
 from tasks.core.runner import execute, plan
+from tasks.dedup import lsh_bands
 from tests.conftest import doc_text, write_jsonl
 from tests.tasks.test_ingest import read_docs
 

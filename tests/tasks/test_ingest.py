@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from data_specs.errors import InputError
-from tasks.ingest import normalize_text
 from tasks.core.runner import execute, plan
+from tasks.ingest import normalize_text
 from tests.conftest import SpecFactory, doc_text, write_jsonl
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_specs.schema import OptimSpec
 from data_specs.errors import InputError
+from data_specs.schema import OptimSpec
 from tasks.core.runner import execute, plan
 from tasks.train.loop import BatchOrder, lr_at
 from tests.conftest import REPO, SpecFactory, plain_transformers

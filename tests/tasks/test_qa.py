@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from data_specs.errors import InputError
 from eval.questions import load_questions
 from tasks.core.artifacts import iter_documents
-from data_specs.errors import InputError
+from tasks.core.runner import execute, plan
 from tasks.qagen.common import Pair, normalize_question, reject_reason
 from tasks.qagen.rules import paraphrases, rule_pairs
-from tasks.core.runner import execute, plan
 from tests.tasks.test_pretrain import tiny_project
 
 QA = {"per_doc": 6, "paraphrases": 2}

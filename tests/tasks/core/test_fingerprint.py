@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from data_specs.loader import load_spec
 from tasks.core import fingerprint
 from tasks.core.fingerprint import code_closure, code_digest, digest_key, explain_change, lib_versions
 from tasks.core.keys import Placement, stage_key
 from tasks.core.runner import execute, plan
 from tasks.registry import PIPELINE
-from data_specs.loader import load_spec
 from tests.conftest import TINY, SpecFactory, doc_text, write_jsonl
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import retry
 from data_specs.errors import TransientError
+from tasks.core import retry
 from tasks.core.retry import is_transient_io, with_retries
 from tasks.core.store import ArtifactRecord, ArtifactStore, now_iso
 

@@ -82,7 +82,7 @@ def test_two_processes_build_once(project):
 def test_gzip_outputs_are_reproducible(tmp_path):
     import gzip
 
-    from tasks.core.store import make_gzip_reproducible
+    from tasks.core.files import make_gzip_reproducible
 
     paths = []
     for i, mtime in enumerate((1000, 2000)):

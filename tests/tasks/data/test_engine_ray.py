@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from data_specs.schema import ExecutorSpec
-from tasks.data.engine import run_pipeline
 from data_specs.errors import StageError
+from data_specs.schema import ExecutorSpec
 from tasks.core.runner import execute, plan
+from tasks.data.engine import run_pipeline
 from tests.conftest import SpecFactory, doc_text, write_jsonl
 
 ray = pytest.importorskip("ray")

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from data_specs.errors import InputError
 from data_specs.schema import OpenAISpec
 from tasks.core import retry
-from data_specs.errors import InputError
 from tasks.qagen.common import split_chunks
 from tasks.qagen.openai_client import ChatClient, resolve_api_key
 from tasks.qagen.openai_generator import generate_pairs, paraphrase_questions, parse_json_list
