@@ -40,6 +40,15 @@ def test_chunks_map_to_their_sentence_rows():
     assert index.text(4, CHUNKS) == "Bishops move diagonally."
 
 
+def test_a_sentence_shared_by_chunks_is_embedded_once():
+    seen = []
+    index = build_sentence_index(["Same line.\nA.", "Same line.\nOther line."],
+                                 lambda texts: seen.extend(texts) or one_hot(texts))
+    assert seen == ["Same line.", "Other line."]  # "A." is too short to be a sentence
+    assert index.bounds.tolist() == [0, 1, 3]
+    assert np.array_equal(index.vectors[0], index.vectors[1]) and not np.array_equal(index.vectors[1], index.vectors[2])
+
+
 def test_best_sentence_is_the_largest_dot_product_among_the_given_chunks():
     index = build_sentence_index(CHUNKS, one_hot)
     question = np.zeros(8, dtype=np.float32)
