@@ -91,7 +91,7 @@ def bench_chunking(docs, question_sets, embedder, words: int, overlap: int, fusi
     print(f"\nchunking {words}/{overlap} words: {len(chunks)} chunks of {len(docs)} documents")
     print(f"{'questions':<16}{'mode':<16}{'R@1':>7}{'R@5':>7}{'lenR@1':>8}{'lenR@5':>8}"
           f"{'build chunks/s':>16}{'ms/question':>13}")
-    encode = lambda t: embed(embedder, t)  # noqa: E731
+    encode = lambda t: embed(embedder, t)
     for name, qs in question_sets.items():
         questions, at1, gains = [q.question for q in qs], {}, []
         for mode in ("dense", "bm25"):
@@ -111,7 +111,7 @@ def bench_chunking(docs, question_sets, embedder, words: int, overlap: int, fusi
 
 def bench_extractive(qs: list[Question], chunks, dense_index, bm25, embedder, k: int = 3) -> None:
     """Seconds per question of the extractive arm, re-embedding vs precomputed sentences."""
-    encode = lambda t: embed(embedder, t)  # noqa: E731
+    encode = lambda t: embed(embedder, t)
     retrieval = Retriever("hybrid", dense_index=dense_index, encode=encode, bm25=bm25).retrieve(
         [q.question for q in qs], k)
     retrieval.latency_s = [0.0] * len(qs)  # the arm's own time only

@@ -108,7 +108,7 @@ class Recall:
 
 
 def _shares(ranks: Sequence[int | None], depths: Sequence[int], seen: Sequence[int] | None) -> dict[str, float]:
-    found = lambda n, r: r is not None and r <= n  # noqa: E731
+    found = lambda n, r: r is not None and r <= n
     out = {f"recall@{n}": mean(found(n, r) for r in ranks) if ranks else 0.0 for n in depths}
     if seen is not None:
         out["recall@seen"] = mean(found(n, r) for n, r in zip(seen, ranks)) if ranks else 0.0

@@ -62,7 +62,7 @@ def _prefix_that_fits(question: str, first: str, count_tokens: Callable[[str], i
     """
     ends = [m.end() for m in _WORD_END.finditer(first)]
     lo, hi = 0, len(ends)  # invariant: a prefix of lo words was counted and fits
-    fits = lambda n: count_tokens(user_message(question, [first[:ends[n - 1]] if n else ""])) <= budget  # noqa: E731
+    fits = lambda n: count_tokens(user_message(question, [first[:ends[n - 1]] if n else ""])) <= budget
     if not fits(0):
         return None
     while lo < hi:

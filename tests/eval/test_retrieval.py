@@ -101,7 +101,7 @@ def test_hybrid_beats_dense_and_bm25_where_each_fails():
     """MiniLM confuses os.path.getatime/getctime with their siblings; BM25 has no word of the
     paraphrases (or a wrong one first). Fused with the paper's k=60, every query is answered."""
     embedder = load_embedder(default_embedder_path(), device="cpu")
-    encode = lambda texts: embed(embedder, texts)  # noqa: E731
+    encode = lambda texts: embed(embedder, texts)
     parts = {"dense_index": build_index(encode(DOCS), "flat"), "encode": encode, "bm25": Bm25Index.build(DOCS)}
     queries = IDENTIFIER_QUERIES + PARAPHRASE_QUERIES
     dense, bm25 = top1_misses(Retriever("dense", **parts), queries), top1_misses(Retriever("bm25", **parts), queries)

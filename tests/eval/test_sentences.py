@@ -8,8 +8,14 @@ from eval.arms import ExtractiveArm
 from eval.questions import Question
 from eval.rag import Chunk, default_embedder_path, embed, load_embedder
 from eval.retrieval import Retrieval
-from eval.sentences import (best_sentence, build_sentence_index, load_sentence_index, save_sentence_index,
-                            sentence_texts, split_sentences)
+from eval.sentences import (
+    best_sentence,
+    build_sentence_index,
+    load_sentence_index,
+    save_sentence_index,
+    sentence_texts,
+    split_sentences,
+)
 
 CHUNKS = ["Tides rise twice a day. The moon pulls the oceans!  Is it the sun too?",
           "e.g",  # no sentence of 3 characters or more
