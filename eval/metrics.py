@@ -67,7 +67,23 @@ def rouge_l(prediction: str, golds: Sequence[str]) -> float:
     return best
 
 
+def words_in(needle: str, haystack: str) -> bool:
+    """`needle` occurs in `haystack` as a run of whole tokens; both already normalised
+    (single spaces), so "1" is not in "10" and "none" is not in "nonetheless"."""
+    return bool(needle) and f" {needle} " in f" {haystack} "
+
+
 def contains(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 when a normalised gold answer appears inside the normalised prediction."""
+    """1.0 when a normalised gold answer appears in the normalised prediction as whole tokens.
+
+    Matching is on SQuAD-normalised text, where punctuation is deleted, not spaced: the
+    gold "PriorityQueue" is not in "queue.PriorityQueue()" (normalised "queuepriorityqueue").
+    """
     p = normalize_answer(prediction)
-    return float(any(normalize_answer(g) and normalize_answer(g) in p for g in golds))
+    return float(any(words_in(normalize_answer(g), p) for g in golds))
+
+
+def empty_golds(golds: Sequence[str]) -> list[str]:
+    """The gold answers SQuAD normalisation reduces to nothing ("The", "?!", "..."): no
+    prediction can match them but an empty one, so they must be refused, not scored."""
+    return [g for g in golds if not normalize_answer(g)]

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from eval.arms import Answer, EvalQuestion, is_hit
-from eval.metrics import contains, exact_match, normalize_answer, rouge_l, token_f1
+from eval.arms import Answer, EvalQuestion
+from eval.hits import recall
+from eval.metrics import contains, exact_match, rouge_l, token_f1
 from eval.rag import Chunk
 from eval.stats import cluster_bootstrap_ci, mcnemar, paired_cluster_bootstrap
 
@@ -40,6 +41,7 @@ def summarize(scores: dict[str, list[dict[str, float]]], answers: dict[str, list
                    "contains": mean(r["contains"] for r in rows),
                    "latency_p50_s": float(np.percentile(latency, 50)), "latency_p95_s": float(np.percentile(latency, 95)),
                    "generated_tokens": mean(a.new_tokens for a in answers[arm]),
+                   **prompt_fitting(answers[arm]),
                    "p_value_vs_rag": None, "p_value_em_vs_rag": None, "f1_diff_vs_rag": None, "f1_diff_ci_vs_rag": None}
         if rag is not None and arm != "rag":
             paired = paired_cluster_bootstrap(f1, [r["f1"] for r in rag], docs, resamples, seed,
@@ -51,11 +53,19 @@ def summarize(scores: dict[str, list[dict[str, float]]], answers: dict[str, list
     return out
 
 
+def prompt_fitting(answers: Sequence[Answer]) -> dict[str, float | int]:
+    """What fitting prompts to the context cost an arm: mean passages kept, passages dropped
+    (in all), answers whose passage [1] was cut (eval.prompts.fit_message)."""
+    return {"passages_kept": mean(a.passages_kept for a in answers) if answers else 0.0,
+            "passages_dropped": sum(a.passages_dropped for a in answers),
+            "first_passage_cut": sum(a.first_cut for a in answers)}
+
+
 def recall_at(questions: Sequence[EvalQuestion], retrieved: Sequence[Sequence[int]], chunks: Sequence[Chunk],
               k: int) -> dict[str, float]:
-    """recall@1, @5 and @k: the share of questions with a hit among their first n chunks."""
-    hits = [[is_hit(q, chunks[c], normalize_answer) for c in ids] for q, ids in zip(questions, retrieved)]
-    return {f"recall@{n}": mean(any(h[:n]) for h in hits) if hits else 0.0 for n in sorted({1, 5, k})}
+    """recall@1, @5 and @k by the lenient rule (eval.hits.lenient_hit), the metric eval reported
+    before strict hits; eval.hits.recall gives strict and lenient, and recall at the depth seen."""
+    return recall(questions, retrieved, chunks, k).lenient
 
 
 def verdict(arms: dict[str, dict[str, Any]]) -> str:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.metrics import contains, exact_match, normalize_answer, rouge_l, token_f1
+from eval.metrics import contains, empty_golds, exact_match, normalize_answer, rouge_l, token_f1, words_in
 
 
 def test_normalisation_is_squads():
@@ -29,3 +29,28 @@ def test_rouge_l_and_contains():
     assert rouge_l("nothing here", ["cat"]) == 0.0
     assert contains("I think the answer is Paris, France.", ["paris"]) == 1.0
     assert contains("London", ["paris"]) == 0.0
+
+
+@pytest.mark.parametrize("pred, golds, expected", [
+    ("10", ["1"], 0.0),  # a digit inside a number is not the number
+    ("It returns nonetheless.", ["None"], 0.0),  # a word inside a word is not the word
+    ("It returns None.", ["none"], 1.0),
+    ("Use queue.PriorityQueue().", ["queue.PriorityQueue()"], 1.0),  # both normalise to queuepriorityqueue
+    ("Use queue.PriorityQueue().", ["PriorityQueue"], 0.0),  # punctuation is deleted, not spaced
+    ("the answer is 1 0", ["1 0"], 1.0),  # several tokens, in order
+    ("0 1", ["1 0"], 0.0),
+    ("anything", ["The"], 0.0),  # a gold that normalises to nothing matches nothing
+])
+def test_contains_matches_whole_tokens(pred, golds, expected):
+    assert contains(pred, golds) == expected
+
+
+def test_words_in_is_token_aligned_at_both_ends():
+    assert words_in("b c", "a b c d") and words_in("a", "a") and not words_in("b", "ab c")
+    assert not words_in("", "a b")
+
+
+def test_empty_golds_are_named():
+    assert empty_golds(["The", "?!", "an", "None", "a b"]) == ["The", "?!", "an"]
+    assert empty_golds(["Paris"]) == []
+
