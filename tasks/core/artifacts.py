@@ -151,6 +151,8 @@ class Index(Artifact):
 
     CHUNKS: ClassVar[str] = "chunks.jsonl"
     FAISS: ClassVar[str] = "index.faiss"
+    BM25: ClassVar[str] = "bm25"  # eval.retrieval.Bm25Index.save's folder
+    SENTENCES: ClassVar[str] = "sentences.json"  # written last by eval.sentences.save_sentence_index
     FOLDER: ClassVar[str] = "embedder"  # the embedder that embedded the chunks (and embeds questions)
 
 

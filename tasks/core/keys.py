@@ -27,7 +27,7 @@ from data_specs.views import (
     resolve_path,
 )
 from tasks.core.fingerprint import code_closure, code_digest, file_digest, lib_versions, tree_digest
-from tasks.core.stage import Stage
+from tasks.core.stage import Stage, Where
 
 
 @cache
@@ -59,11 +59,12 @@ def _field(spec: RunSpec, dotted: str) -> tuple[Any, str, str]:
     obj: Any = spec
     kind, names = "keyed", ""
     for part in dotted.split("."):
-        if not isinstance(obj, BaseModel) or part not in type(obj).model_fields:
+        fields = type(obj).model_fields if isinstance(obj, BaseModel) else {}
+        name = next((n for n, f in fields.items() if part in (n, f.alias)), None)  # "from" is field from_
+        if name is None:
             raise KeyError(f"the spec has no field {dotted!r}")
-        info = type(obj).model_fields[part]
-        kind, names = field_kind(info), content_kind(info)
-        obj = getattr(obj, part)
+        kind, names = field_kind(fields[name]), content_kind(fields[name])
+        obj = getattr(obj, name)
     return obj, kind, names
 
 
@@ -90,7 +91,11 @@ def stage_view(stage: Stage, spec: RunSpec) -> tuple[KeyedView | None, RuntimeVi
         value, kind, _ = _field(spec, dotted)
         if kind == RUNTIME:
             raise KeyError(f"stage {stage.name!r} declares {dotted}, a runtime field: it cannot change the output")
-        fields[dotted] = resolve_path(value, spec.base_dir) if kind == CONTENT and value else value
+        if kind == CONTENT and value:
+            value = resolve_path(value, spec.base_dir)
+        elif isinstance(value, BaseModel):  # a whole section: read through its keyed view too
+            value = KeyedView(value, dotted, spec.base_dir)
+        fields[dotted] = value
     return cfg, runtime, fields
 
 
@@ -105,6 +110,11 @@ def spec_part(stage: Stage, spec: RunSpec) -> dict[str, Any]:
         if kind != CONTENT:
             flat[dotted] = cache_value(value)
     return _nested(flat)
+
+
+def content_digest(spec: RunSpec, dotted: str, value: str, kind: str) -> dict[str, str]:
+    """{dotted: sha256 of what a content field names}; a missing or unreadable one is bad input naming the field."""
+    return {dotted: _digest(spec, dotted, value, kind)}
 
 
 def _digest(spec: RunSpec, dotted: str, value: str, kind: str) -> str:
@@ -140,8 +150,8 @@ def resolved_part(stage: Stage, spec: RunSpec, device: str) -> dict[str, Any]:
     """The values fixed where the stage runs that change its output."""
     if stage.resolve is None:
         return {"device": device} if stage.gpu else {}
-    cfg, runtime, _ = stage_view(stage, spec)
-    return stage.resolve(cfg, runtime, getattr(spec.resources, stage.name, None), device)
+    cfg, runtime, fields = stage_view(stage, spec)
+    return stage.resolve(cfg, Where(device, runtime, getattr(spec.resources, stage.name, None), fields))
 
 
 def stage_key(stage: Stage, spec: RunSpec, upstream: dict[str, str], device: str) -> dict[str, Any]:

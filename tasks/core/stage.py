@@ -69,8 +69,18 @@ class RunContext:
         return path
 
 
-# resolve(cfg, runtime, resources, device) -> the run-time values that change the output.
-Resolver = Callable[[KeyedView, RuntimeView | None, Any, str], dict[str, Any]]
+@dataclass(frozen=True)
+class Where:
+    """What a resolver knows of where and how a stage runs."""
+
+    device: str  # "cuda" or "cpu", as planned
+    runtime: RuntimeView | None  # the section's runtime settings
+    resources: Any  # resources.<stage>, when the spec has one
+    fields: Mapping[str, Any]  # the other spec fields the stage declared
+
+
+# resolve(cfg, where) -> the values fixed where the stage runs that change its output.
+Resolver = Callable[[KeyedView, Where], dict[str, Any]]
 
 
 @dataclass(frozen=True)

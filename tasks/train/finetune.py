@@ -15,7 +15,7 @@ import torch
 from data_specs.errors import InputError, StageError
 from data_specs.schema import FinetuneSpec, LoraSpec
 from tasks.core.artifacts import Model
-from tasks.core.stage import RunContext
+from tasks.core.stage import RunContext, Where
 from tasks.train.loop import Deadline, TimeLimitReached
 
 log = logging.getLogger("gristmill")
@@ -41,10 +41,10 @@ def lora_config(spec: LoraSpec, model: torch.nn.Module, where: str):
                       target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
 
 
-def finetune_resolution(cfg: FinetuneSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+def finetune_resolution(cfg: FinetuneSpec, where: Where) -> dict[str, Any]:
     """What TRL's trainer fixes where it runs: the device, and bf16 mixed precision on CUDA (fp32 on
     CPU); both change the weights."""
-    return {"device": device, "precision": "bf16" if device == "cuda" else "fp32"}
+    return {"device": where.device, "precision": "bf16" if where.device == "cuda" else "fp32"}
 
 
 def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict[str, Any]:

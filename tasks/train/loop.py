@@ -31,6 +31,7 @@ from data_specs.errors import StageError
 from data_specs.schema import OptimSpec
 from tasks.core.artifacts import Model
 from tasks.core.progress import Progress
+from tasks.core.stage import Where
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -385,10 +386,11 @@ def pick_device(planned: str, dist: Dist = Dist()) -> torch.device:
     return torch.device("cuda", dist.local_rank)
 
 
-def loop_resolution(cfg: OptimSpec, runtime: Any, resources: Any, device: str) -> dict[str, Any]:
+def loop_resolution(cfg: OptimSpec, where: Where) -> dict[str, Any]:
     """What the loop fixes where it runs, all of which changes the weights: the device (bf16
     autocast on CUDA, fp32 on CPU), the processes (the effective batch and the reduction order),
     and whether torch.compile runs (CUDA only)."""
-    return {"device": device, "precision": "bf16-autocast" if device == "cuda" else "fp32",
-            "processes": resources.gpus if resources is not None else 1,
-            "compile": bool(runtime.compile) and device == "cuda"}
+    cuda = where.device == "cuda"
+    return {"device": where.device, "precision": "bf16-autocast" if cuda else "fp32",
+            "processes": where.resources.gpus if where.resources is not None else 1,
+            "compile": bool(where.runtime.compile) and cuda}

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from data_specs.errors import InputError
-from eval.arms import EvalQuestion, retrieve
-from eval.rag import build_index, chunk_documents, default_embedder_path, embed
-from eval.scoring import recall_at
+from eval.arms import EvalQuestion
+from eval.hits import recall
+from eval.rag import build_index, chunk_documents, embed
+from eval.retrieval import Retriever
 from tasks.train.loading import load_embedder
 
 DOCS = [
@@ -18,8 +19,8 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return load_embedder(default_embedder_path(), "cpu", trust_remote_code=False)
+def embedder(minilm):
+    return minilm
 
 
 def test_chunks_are_word_windows_with_offsets():
@@ -36,9 +37,10 @@ def test_recall_on_a_toy_corpus(embedder, kind):
     qs = [EvalQuestion("1", "How does a knight move in chess?", ("L shape",), "chess"),
           EvalQuestion("2", "What causes ocean tides?", ("gravitational pull of the moon",), "tides"),
           EvalQuestion("3", "Why does a volcano erupt?", ("magma",), "volcano")]
-    retrieval = retrieve(embedder, index, qs, k=2)
+    retrieval = Retriever("dense", dense_index=index, encode=lambda t: embed(embedder, t)).retrieve(
+        [q.question for q in qs], 2)
     assert [chunks[ids[0]].doc_id for ids in retrieval.ids] == ["chess", "tides", "volcano"]
-    assert recall_at(qs, retrieval.ids, chunks, 2) == {"recall@1": 1.0, "recall@2": 1.0, "recall@5": 1.0}
+    assert recall(qs, retrieval.ids, chunks, 2).strict == {"recall@1": 1.0, "recall@2": 1.0, "recall@5": 1.0}
 
 
 def test_embeddings_are_normalised(embedder):

@@ -4,7 +4,7 @@ the saved index, and hybrid beating both of its parts on a corpus where each par
 import numpy as np
 import pytest
 
-from eval.rag import build_index, default_embedder_path, embed, load_embedder
+from eval.rag import build_index, embed
 from eval.retrieval import Bm25Index, Retriever, rrf, tokenize
 
 # os.path's time and test functions read alike to a sentence encoder; only the name tells them apart.
@@ -97,10 +97,10 @@ def top1_misses(retriever: Retriever, queries) -> list[str]:
     return [q for (q, gold), ids in zip(queries, got.ids) if ids[:1] != [gold]]
 
 
-def test_hybrid_beats_dense_and_bm25_where_each_fails():
+def test_hybrid_beats_dense_and_bm25_where_each_fails(minilm):
     """MiniLM confuses os.path.getatime/getctime with their siblings; BM25 has no word of the
     paraphrases (or a wrong one first). Fused with the paper's k=60, every query is answered."""
-    embedder = load_embedder(default_embedder_path(), device="cpu")
+    embedder = minilm
     encode = lambda texts: embed(embedder, texts)
     parts = {"dense_index": build_index(encode(DOCS), "flat"), "encode": encode, "bm25": Bm25Index.build(DOCS)}
     queries = IDENTIFIER_QUERIES + PARAPHRASE_QUERIES

@@ -57,6 +57,7 @@ TABLE = {
     "sft": ({"sft": {"context_fraction": 0.5}}, {"sft": {"save_steps": 3}}),
     "dpo": ({"dpo": {"beta": 0.2}}, {"resources": {"dpo": {"time_limit": 60}}}),
     "index": ({"index": {"overlap": 8}}, {"store": "elsewhere"}),
+    "reader": ({"reader": {"passages": 2}}, {"reader": {"save_steps": 9}}),
     "eval": ({"eval": {"k": 4}}, {"name": "renamed"}),
 }
 
@@ -108,7 +109,7 @@ def test_an_edit_to_any_module_a_stage_runs_changes_its_key(stage, tmp_path, mon
 @pytest.mark.parametrize("stage, library", [
     ("ingest", "datatrove"), ("dedup", "spacy"), ("tokenizer", "tokenizers"), ("pretrain", "torch"),
     ("qa", "transformers"), ("midtrain", "torch"), ("sft", "trl"), ("dpo", "peft"), ("index", "faiss-cpu"),
-    ("eval", "scipy"),
+    ("reader", "trl"), ("eval", "scipy"),
 ])
 def test_a_library_version_changes_the_key_and_a_neutral_one_does_not(stage, library, tmp_path, monkeypatch):
     spec = _tiny(tmp_path, {})
@@ -138,7 +139,7 @@ def test_the_device_is_keyed_where_it_changes_the_output(tmp_path):
     spec = _tiny(tmp_path, {})
     changes = {s: _key(s, spec, "cpu") != _key(s, spec, "cuda") for s in PIPELINE.names()}
     assert changes == {"ingest": False, "dedup": False, "tokenizer": False, "pretrain": True, "qa": False,
-                       "midtrain": True, "sft": True, "dpo": True, "index": True, "eval": True}
+                       "midtrain": True, "sft": True, "dpo": True, "index": True, "reader": True, "eval": True}
 
 
 def test_sft_packing_auto_resolves_per_device(tmp_path):
@@ -147,6 +148,23 @@ def test_sft_packing_auto_resolves_per_device(tmp_path):
     resolved = {d: stage_key(sft, spec, {}, d)["resolved"] for d in ("cpu", "cuda")}
     assert resolved["cpu"]["packing"] is False and resolved["cuda"]["packing"] is True
     assert resolved["cuda"]["precision"] == "bf16" and resolved["cpu"]["precision"] == "fp32"
+
+
+def test_the_reader_is_keyed_by_the_sft_recipe_it_trains_with(tmp_path):
+    """Same recipe as the fine-tuned model: an sft hyperparameter changes the reader too."""
+    assert _key("reader", _tiny(tmp_path, {"sft": {"lr": 0.01}})) != _key("reader", _tiny(tmp_path, {}))
+    assert _key("reader", _tiny(tmp_path, {"dpo": {"lr": 0.01}})) == _key("reader", _tiny(tmp_path, {}))
+
+
+def test_a_model_folder_as_rag_generator_is_keyed_by_content(tmp_path):
+    folder = tmp_path / "spec" / "gen"
+    _tiny(tmp_path, {})  # writes the spec folder
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    first = _key("eval", _tiny(tmp_path, {"eval": {"rag_generator": "gen"}}))
+    (folder / "config.json").write_text('{"changed": 1}')
+    assert _key("eval", _tiny(tmp_path, {"eval": {"rag_generator": "gen"}})) != first
+    assert _key("eval", _tiny(tmp_path, {"eval": {"rag_generator": "reader"}})) != first
 
 
 def test_the_torchrun_worker_is_in_the_training_stages_digest():

@@ -21,11 +21,13 @@ from tests.tasks.core.test_fingerprint import _tiny
 
 def test_the_pipeline_reads_as_wired():
     assert PIPELINE.names() == ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
-                                "index", "eval"]
+                                "index", "reader", "eval"]
+    assert PIPELINE.upstream("reader") == {"model": "midtrain", "pairs": "qa", "index": "index"}
+    assert PIPELINE.upstream("sft")["model"] == PIPELINE.upstream("reader")["model"]  # the controlled design
     assert PIPELINE.upstream("sft") == {"model": "midtrain", "pairs": "qa", "documents": "dedup"}
     assert PIPELINE.needs("qa") == ["dedup"]  # qa needs only the corpus
     assert PIPELINE.ancestors("eval") == set(PIPELINE.names()) - {"eval"}
-    assert PIPELINE.gpu_stages() == ["pretrain", "midtrain", "sft", "dpo", "eval"]
+    assert PIPELINE.gpu_stages() == ["pretrain", "midtrain", "sft", "dpo", "reader", "eval"]
 
 
 @pytest.mark.parametrize("wires, message", [
