@@ -106,7 +106,7 @@ def _arms(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
                    "passages dropped", "latency p50 / p95 (s)", "tokens"],
                   [[a, s["n"], s["em"], _ci(s["f1"], s["f1_ci"]), s["rouge_l"], s["contains"], s["empty_rate"],
                     s["unfinished_rate"], s["repetitive_rate"], s.get("passages_dropped"),
-                    f"{s['latency_p50_s']:.3f} / {s['latency_p95_s']:.3f}", f"{s['generated_tokens']:.1f}"]
+                    f"{_fmt(s['latency_p50_s'])} / {_fmt(s['latency_p95_s'])}", _fmt(s["generated_tokens"], 1)]
                    for a, s in summary["arms"].items()])
     return out + ["", f"![F1 by arm]({images['f1']})", ""]
 

@@ -85,8 +85,13 @@ class Bm25Index:
         """Tokenizes and indexes `texts` (one per chunk, in chunk-id order)."""
         import bm25s
 
+        docs = [tokenize(t) for t in texts]
+        # Our own sorted vocabulary: bm25s numbers string tokens in set order, which changes with
+        # each process's hash seed, so the saved index would differ from build to build.
+        vocab = {token: i for i, token in enumerate(sorted({t for doc in docs for t in doc}))}
         model = bm25s.BM25(k1=k1, b=b)
-        model.index([tokenize(t) for t in texts], show_progress=False)
+        model.index(bm25s.tokenization.Tokenized(ids=[[vocab[t] for t in doc] for doc in docs], vocab=vocab),
+                    show_progress=False)
         return cls(model)
 
     def __len__(self) -> int:

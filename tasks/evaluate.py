@@ -84,12 +84,12 @@ def questions(cfg: EvalSpec, inputs: EvalInputs, where: Path) -> tuple[list[Eval
     return qs, source, refused
 
 
-def load_index(index: Index, ctx: RunContext) -> LoadedIndex:
+def load_index(index: Index, device: str, trust_remote_code: bool) -> LoadedIndex:
     """The chunks, FAISS index, BM25 index, sentence vectors, and the embedder the index holds."""
     import faiss
 
     chunks = [Chunk(**row) for row in read_jsonl(index.path / Index.CHUNKS)]
-    embedder = load_embedder(index.folder, ctx.device, trust_remote_code=ctx.trust_remote_code)
+    embedder = load_embedder(index.folder, device, trust_remote_code=trust_remote_code)
     bm25 = Bm25Index.load(index.path / Index.BM25) if (index.path / Index.BM25).exists() else None
     sentences = load_sentence_index(index.path, len(chunks)) if (index.path / Index.SENTENCES).exists() else None
     return LoadedIndex(chunks, faiss.read_index(str(index.path / Index.FAISS)), embedder, bm25, sentences)
@@ -163,7 +163,7 @@ def seen_source(qs: list[EvalQuestion], found: Retrieval, chunks: list[Chunk],
 def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metrics:
     """Answers every question with every arm, scores them, decides, and writes the report."""
     qs, source, refused = questions(cfg, inputs, ctx.spec_path)
-    idx = load_index(inputs.index, ctx)
+    idx = load_index(inputs.index, ctx.device, ctx.trust_remote_code)
     found = retrieve(cfg, idx, qs)
     models = generators.Generators(cfg, inputs.finetuned, inputs.reader, ctx)
     answers = run_arms(cfg, qs, idx, found, models)

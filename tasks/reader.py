@@ -42,7 +42,7 @@ from tasks.sft import readable_documents, resolve
 from tasks.train.finetune import history, save_models, supervised, tokens_per_second, write_history
 from tasks.train.lm_data import is_validation
 
-ANSWER_ROOM = 64  # tokens kept free for the answer when a training prompt is fitted (answers are < 300 chars)
+ANSWER_END = 2  # tokens after the answer in the chat template: <|im_end|> and a newline
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,15 @@ def examples(cfg: ReaderSpec, pairs: list[dict], chunks: list[Chunk], bm25: Bm25
     by_doc: dict[str, list[Chunk]] = {}
     for c in chunks:
         by_doc.setdefault(c.doc_id, []).append(c)
-    count, budget = prompt_token_counter(tokenizer), max_length - ANSWER_ROOM
+    count = prompt_token_counter(tokenizer)
     out, missing = [], 0
     for pair in pairs:
         source = source_of(pair, by_doc)
         if source is None:
             missing += 1
             continue
+        # The prompt gets what the answer leaves of the context, as TRL will see the example.
+        budget = max_length - len(tokenizer(pair["answer"], add_special_tokens=False)["input_ids"]) - ANSWER_END
         ranked = [chunks[i] for i in bm25.rank(pair["question"], 4 * cfg.passages + 8)]
         pool = [c for c in ranked if c.id != source.id and c.doc_id in readable]
         for n in range(cfg.examples_per_pair):

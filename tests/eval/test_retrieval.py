@@ -1,11 +1,14 @@
 """BM25, reciprocal-rank fusion and the hybrid retriever: the tokenizer, a hand-computed fusion,
 the saved index, and hybrid beating both of its parts on a corpus where each part fails."""
 
+import os
+
 import numpy as np
 import pytest
 
 from eval.rag import build_index, embed
 from eval.retrieval import Bm25Index, Retriever, rrf, tokenize
+from tests.conftest import REPO
 
 # os.path's time and test functions read alike to a sentence encoder; only the name tells them apart.
 DOCS = [
@@ -110,3 +113,21 @@ def test_hybrid_beats_dense_and_bm25_where_each_fails(minilm):
     assert top1_misses(Retriever("hybrid", **parts), queries) == []
     got = Retriever("hybrid", **parts).retrieve(["os.path.getctime()"], 3)
     assert got.query_vectors is not None and got.query_vectors.shape == (1, 384)
+
+
+def test_the_saved_bm25_index_is_the_same_bytes_under_any_hash_seed(tmp_path):
+    """The index artifact is deterministic: bm25s numbers string tokens in set order, which
+    follows the process's hash seed, so the vocabulary is ours and sorted."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from eval.retrieval import Bm25Index; "
+              "Bm25Index.build(['queue.PriorityQueue sorts by priority', 'os.path joins paths', 'a b c', '']"
+              ").save(Path(sys.argv[1]))")
+    digests = []
+    for seed in ("1", "2"):
+        folder = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, str(folder)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)})
+        digests.append({p.name: p.read_bytes() for p in folder.iterdir()})
+    assert digests[0] == digests[1]

@@ -63,7 +63,7 @@ def test_plan_json(built_store):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["stage"] for r in rows] == ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
-                                          "index", "eval"]
+                                          "index", "reader", "eval"]
     assert all(not r["cached"] and r["reason"] == "never built" for r in rows[2:])
     for row in rows[:2]:
         assert set(row) == {"stage", "fingerprint", "cached", "reason", "path", "resolved"}

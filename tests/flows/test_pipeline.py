@@ -156,7 +156,7 @@ def test_gpu_deployment_is_not_needed_when_no_gpu_stage_runs(harness, project):
 
 def test_gpu_stages_are_registered_stages():
     assert set(PIPELINE.gpu_stages()) <= set(PIPELINE.names())
-    assert {"pretrain", "midtrain", "sft", "dpo", "eval"} == set(PIPELINE.gpu_stages())
+    assert {"pretrain", "midtrain", "sft", "dpo", "reader", "eval"} == set(PIPELINE.gpu_stages())
 
 
 # ---------------------------------------------------------------- Prefect's records on a remote store

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
+from tasks.registry import PIPELINE
 from tests.conftest import REPO, TINY
 
-STAGES = ("ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo", "index", "eval")
+STAGES = tuple(PIPELINE.names())
 # Stages whose output depends only on their inputs: a rerun after a kill must give the same bytes.
 # datatrove's logs/ (timings, dates) are provenance, not output, and are left out.
 DETERMINISTIC = ("ingest", "dedup", "tokenizer", "qa", "index")
-TRAINING = ("pretrain", "midtrain", "sft", "dpo")
+TRAINING = ("pretrain", "midtrain", "sft", "dpo", "reader")
 
 
 @dataclass(frozen=True)

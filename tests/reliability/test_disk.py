@@ -26,6 +26,7 @@ import pytest
 
 from data_specs.errors import InputError, StageError
 from tasks.core import runner
+from tasks.core.graph import Graph
 from tasks.core.store import ArtifactStore
 from tests.conftest import REPO, TINY
 from tests.reliability.conftest import Golden, finished, payload
@@ -77,13 +78,13 @@ def test_no_space_writing_the_record_publishes_nothing(golden, tmp_path, monkeyp
 
 def test_no_space_during_a_build_names_the_file(golden, tmp_path, monkeypatch):
     store = seeded(golden, tmp_path, "ingest", "dedup")
-    real = runner.get_stage
+    real = Graph.get
 
-    def failing_build(spec, inputs, out, work):
+    def failing_build(cfg, inputs, out, ctx):
         (out / "train.jsonl").write_text("{\"question\": ")
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.jsonl"))
 
-    monkeypatch.setattr(runner, "get_stage", lambda n: replace(real(n), build=failing_build) if n == "qa" else real(n))
+    monkeypatch.setattr(Graph, "get", lambda g, n: replace(real(g, n), build=failing_build) if n == "qa" else real(g, n))
     with pytest.raises(StageError, match=r"stage 'qa' failed: no space left on the device writing .*/qa/\.tmp-[0-9a-f]+-"
                                          r"[0-9a-f]+/train\.jsonl; nothing of it was published"):
         run_until(store, "qa")

@@ -37,7 +37,9 @@ from data_specs.errors import InputError
 from data_specs.loader import load_spec
 from eval.questions import MAX_LINE_BYTES, load_questions
 from tasks.core.runner import prepare_run
-from tasks.ingest import build as ingest_build
+from tasks.core.keys import stage_view
+from tasks.core.stage import RunContext
+from tasks.ingest import STAGE as INGEST
 from tests.conftest import REPO, doc_text
 
 FUZZ_EXAMPLES = int(os.environ.get("GRISTMILL_FUZZ_EXAMPLES", "40"))
@@ -84,7 +86,10 @@ def run_ingest(root: Path, sources: list[dict[str, Any]], **sections: Any) -> tu
     spec = load_spec(write_spec(root, sources, **sections))
     out, work = root / "out", root / "work"
     out.mkdir()
-    metrics = ingest_build(spec, {}, out, work)
+    cfg, runtime, fields = stage_view(INGEST, spec)
+    ctx = RunContext(work=work, trust_remote_code=False, spec_path=spec.spec_path, runtime=runtime, fields=fields,
+                     executor=spec.executor)
+    metrics = INGEST.build(cfg, None, out, ctx)
     docs, rejects = read_jsonl_gz(out / "documents"), read_jsonl_gz(out / "rejects")
     assert metrics["documents_in"] == metrics["documents_out"] + metrics["rejected"], metrics
     assert len(docs) == metrics["documents_out"] and len(rejects) == metrics["rejected"], metrics

@@ -154,17 +154,21 @@ def test_the_hostile_pickle_is_real(tmp_path: Path) -> None:
 
 
 def test_pickle_only_folders_are_refused_by_every_in_process_loader(tmp_path: Path) -> None:
-    from eval.rag import load_embedder
+    from tasks.core.artifacts import Model
     from tasks.pretrain import load_checkpoint
     from tasks.qagen.model import load_generator
-    from tasks.train.finetune import load_model
+    from tasks.train.loading import load_embedder
 
     marker = tmp_path / "unpickled"
     folder = pickle_only_folder(tmp_path, marker)
+    upstream = Model(folder.parent, None)  # an upstream model artifact (sft's base, eval's generators)
+    folder.rename(Model.folder_in(folder.parent))
+    folder = Model.folder_in(folder.parent)
     for load, field in ((lambda: load_checkpoint(folder, False), "pretrain.from"),
                         (lambda: load_generator(folder, False), "qa.model.path"),
-                        (lambda: load_embedder(folder), "index.embedder"),
-                        (lambda: load_model(folder, False), "artifact")):  # an upstream model (sft's base)
+                        (lambda: load_embedder(folder, "cpu", trust_remote_code=False, field="index.embedder"),
+                         "index.embedder"),
+                        (lambda: upstream.load(False), "artifact")):
         with pytest.raises(InputError, match=rf"{field}: .* holds pickle weights only \(pytorch_model.bin\)"):
             load()
     assert not marker.exists()
@@ -378,7 +382,7 @@ HOSTILE_DOCS = [{"id": "../../../../escape-by-id", "text": doc_text(7)},
 
 @pytest.mark.slow
 def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, tmp_path: Path) -> None:  # noqa: F811
-    """All ten stages through the CLI, qa by the openai generator (a live fake endpoint) with
+    """Every stage through the CLI, qa by the openai generator (a live fake endpoint) with
     the key in the environment variable the spec names, document ids and paths shaped like
     escapes. Then: the folders around the store are as they were, and the key (raw or base64)
     is in no file the run wrote, no output line and no Prefect flow run parameter."""

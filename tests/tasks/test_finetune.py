@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_specs.errors import InputError
+from tasks.core.keys import Placement
 from tasks.core.runner import execute, plan
 from tests.conftest import plain_transformers
 from tests.tasks.test_pretrain import run_until, tiny_project
@@ -93,23 +94,56 @@ def test_unknown_lora_target_lists_the_model_modules(tuned):
 @pytest.fixture(scope="module")
 def evaluated(tuned):
     factory, results = tuned
-    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 64, "overlap": 16},
+    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
                            "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
     for row in plan(spec, factory.store):
-        if row.name in ("index", "eval"):
+        if row.name in ("index", "reader", "eval"):
             results[row.name] = execute(row, spec, factory.store)
     return factory, results
 
 
 def test_eval_metrics_have_the_promised_shape(evaluated):
     m = evaluated[1]["eval"].record.metrics
-    assert set(m["retrieval"]) >= {"recall@1", "recall@5"} and 0 <= m["retrieval"]["recall@1"] <= 1
-    assert set(m["arms"]) == {"finetuned", "rag", "finetuned+rag", "rag-extractive", "gold"}
+    assert set(m["retrieval"]) >= {"recall@1", "recall@5", "recall@seen"} and 0 <= m["retrieval"]["recall@1"] <= 1
+    assert set(m["retrieval_lenient"]) >= {"recall@1", "recall@5"}
+    assert set(m["arms"]) == {"finetuned", "rag", "finetuned+rag", "reader", "rag-extractive", "gold"}
     for arm, s in m["arms"].items():
-        assert {"em", "f1", "f1_ci", "rouge_l", "contains", "latency_p50_s", "p_value_vs_rag"} <= set(s)
+        assert {"em", "f1", "f1_ci", "rouge_l", "contains", "latency_p50_s", "empty_rate", "unfinished_rate",
+                "repetitive_rate", "role", "n"} <= set(s)
         assert s["f1_ci"][0] <= s["f1"] <= s["f1_ci"][1]
-        assert (s["p_value_vs_rag"] is None) == (arm == "rag")
+    (primary, *_) = m["comparisons"]
+    assert {"a", "b", "diff", "ci", "p", "p_adjusted", "n", "n_clusters", "winner", "mdd"} <= set(primary)
+    assert (primary["a"], primary["b"]) == ("finetuned", "rag")
+    assert all(c["a"] not in ("gold", "rag-extractive", "reader") for c in m["comparisons"])
     assert m["verdict"] and "rag" in m["verdict"]
+
+
+def test_each_arm_answers_with_the_model_it_claims(evaluated):
+    """Swap the two generators: the finetuned arm then answers as the reader arm did (same model,
+    same closed-book prompt), and the reader arm as the finetuned arm did."""
+    from dataclasses import replace
+
+    from tasks.core.keys import stage_view
+    from tasks.core.runner import _context, _inputs
+    from tasks.evaluate import build
+    from tasks.registry import PIPELINE
+
+    factory, results = evaluated
+    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
+                           "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300, "arms": ["finetuned", "reader"]}})
+    row = next(r for r in plan(spec, factory.store) if r.name == "eval")
+    stage = PIPELINE.get("eval")
+    inputs = _inputs(row, stage, spec, factory.store, PIPELINE, Placement())
+    swapped = replace(inputs, finetuned=inputs.reader, reader=inputs.finetuned)
+    out = factory.root / "swapped"
+    out.mkdir()
+    cfg, _, _ = stage_view(stage, spec)
+    build(cfg, swapped, out, _context(row, stage, spec, factory.store, factory.root / "work"))
+    answers = lambda folder: {r["id"]: {a: v["answer"] for a, v in r["arms"].items()}
+                              for r in map(json.loads, (Path(folder) / "answers.jsonl").read_text().splitlines())}
+    normal, crossed = answers(results["eval"].path), answers(out)
+    assert {q: a["finetuned"] for q, a in crossed.items()} == {q: a["reader"] for q, a in normal.items()}
+    assert {q: a["reader"] for q, a in crossed.items()} == {q: a["finetuned"] for q, a in normal.items()}
 
 
 def test_answers_file_has_every_question_and_arm(evaluated):
@@ -153,7 +187,7 @@ def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
     factory, _ = evaluated
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "What is the grammar rule for `if_stmt`?", "answer": "\\"if\\" expression"}\n')
-    spec_path = factory.write(**{**factory.sections, "index": {"chunk_words": 64, "overlap": 16},
+    spec_path = factory.write(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
                                  "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
     run = prepare_run(spec_path, str(factory.store.root), only="eval",
                       override=json.dumps({"eval": {"score_questions": str(questions)}}))
@@ -164,7 +198,7 @@ def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
 
 def test_a_later_eval_of_the_same_run_shows_what_changed(evaluated):
     factory, results = evaluated
-    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 64, "overlap": 16},
+    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
                            "eval": {"k": 2, "max_new_tokens": 16, "bootstrap": 300}})
     row = [r for r in plan(spec, factory.store) if r.name == "eval"][0]
     later = execute(row, spec, factory.store)
