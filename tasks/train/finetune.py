@@ -60,7 +60,32 @@ def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict
         max_length=max_length, seed=spec.seed, data_seed=spec.seed, logging_steps=1,
         save_strategy="steps", save_steps=ctx.runtime.save_steps, save_total_limit=1, report_to="none",
         bf16=cuda, use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
+        # TRL turns gradient checkpointing on by default: it saves GPU memory by running each
+        # forward twice. A CPU run has memory to spare and only pays the second forward.
+        gradient_checkpointing=cuda,
     )
+
+
+def score_labelled_positions_only() -> bool:
+    """Makes TRL's fused LM head score only the positions that carry a label on CPU too.
+
+    TRL (trl.trainer.utils.add_fused_lm_head) projects through the LM head only the positions
+    whose next-token label is kept when Triton runs it (CUDA), and every position elsewhere,
+    zeroing the rest afterwards. The per-token values are the same either way; on CPU, scoring
+    every prompt position of an assistant-only-loss batch is most of a step when the vocabulary
+    is large (bench/trl_speed.py). True when the switch is in place (False: a TRL without it)."""
+    import trl.trainer.utils as fused
+
+    original = getattr(fused, "_use_triton", None)
+    if original is None:
+        return False
+    if not getattr(original, "gristmill_compact", False):
+        def compact(device) -> bool:
+            return device.type == "cpu" or original(device)
+
+        compact.gristmill_compact = True
+        fused._use_triton = compact
+    return True
 
 
 def supervised(spec: FinetuneSpec, model, tokenizer, train_rows: list[dict], val_rows: list[dict], ctx: RunContext,
@@ -72,6 +97,7 @@ def supervised(spec: FinetuneSpec, model, tokenizer, train_rows: list[dict], val
     from trl import SFTConfig, SFTTrainer
 
     peft = lora_config(spec.lora, model, label) if spec.lora else None
+    score_labelled_positions_only()
     args = SFTConfig(**trainer_kwargs(spec, ctx, max_length), packing=packing, assistant_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft,
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),

@@ -55,6 +55,9 @@ def main(job_path: str) -> int:
         answer = {"input_error": str(e)}
     if dist.main:
         (Path(job["work"]) / "result.json").write_text(json.dumps(answer))
+    # Every rank reaches here before any tears the group down: a rank destroying it while another
+    # still talks to it aborts that one ("terminate called without an active exception").
+    torch_dist.barrier()
     torch_dist.destroy_process_group()
     return 0
 

@@ -58,6 +58,20 @@ def test_rerun_is_cached_and_touches_nothing(built_store):
     assert {stage: snapshot(path) for stage, path in artifacts(built_store).items()} == before
 
 
+def test_a_fully_cached_rerun_does_not_start_prefects_temporary_server(built_store):
+    """Nothing to build and no team server (PREFECT_API_URL unset): the CLI answers from the store
+    without spending seconds starting and stopping Prefect's temporary server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([*GRISTMILL, "run", str(TINY), "--store", str(built_store), "--until", "dedup"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**env, "PREFECT_LOGGING_LEVEL": "INFO"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "ingest  cached" in proc.stdout and "dedup   cached" in proc.stdout
+    assert "Prefect's temporary server not started" in out
+    assert "temporary server on http" not in out, out[-2000:]
+
+
 def test_plan_json(built_store):
     proc = gristmill("plan", str(TINY), "--store", str(built_store), "--json")
     assert proc.returncode == 0, proc.stderr

@@ -57,7 +57,7 @@ TABLE = {
     "sft": ({"sft": {"context_fraction": 0.5}}, {"sft": {"save_steps": 3}}),
     "dpo": ({"dpo": {"beta": 0.2}}, {"resources": {"dpo": {"time_limit": 60}}}),
     "index": ({"index": {"overlap": 8}}, {"store": "elsewhere"}),
-    "reader": ({"reader": {"passages": 2}}, {"reader": {"save_steps": 9}}),
+    "reader": ({"reader": {"passages": 4}}, {"reader": {"save_steps": 9}}),
     "eval": ({"eval": {"k": 4}}, {"name": "renamed"}),
 }
 
