@@ -12,7 +12,7 @@ Most trials run through tests/reliability/killable.py (tasks.core.runner without
 CLI's start-up costs seconds); the `cli` ones run the real `gristmill` command and are
 killed from outside, and their reruns and plans go through the CLI too.
 
-GRISTMILL_KILL_TRIALS (default 20) and GRISTMILL_KILL_SEED (default 8) set the trials; the
+GRISTMILL_KILL_TRIALS (default 21: one round) and GRISTMILL_KILL_SEED (default 8) set the trials; the
 seeds, kill points and outcomes are printed (pytest -s) and written to kill-trials.json in
 the test's temp folder, or to GRISTMILL_KILL_REPORT when set.
 """
@@ -48,7 +48,7 @@ from tests.reliability.conftest import (
 
 pytestmark = pytest.mark.slow
 
-TRIALS = int(os.environ.get("GRISTMILL_KILL_TRIALS", "20"))
+TRIALS = int(os.environ.get("GRISTMILL_KILL_TRIALS", "21"))
 SEED = int(os.environ.get("GRISTMILL_KILL_SEED", "8"))
 # One round of trials, (stage, kill point, how): every stage, the cheap ones more often (a
 # pretrain or sft trial costs a build and a half of a ~30 s stage, an ingest one ~4 s of start-up).
@@ -61,7 +61,7 @@ ROUND = (
     ("qa", "publish", "runner"), ("qa", "timed", "runner"),
     ("pretrain", "checkpoint", "cli"),
     ("midtrain", "checkpoint-save", "runner"), ("midtrain", "checkpoint", "runner"),
-    ("sft", "checkpoint", "runner"),
+    ("sft", "checkpoint", "runner"), ("reader", "checkpoint", "runner"),
     ("dpo", "timed", "cli"), ("dpo", "publish", "runner"),
     ("index", "timed", "runner"), ("index", "publish", "runner"),
     ("eval", "timed", "cli"), ("eval", "publish", "runner"),
@@ -71,10 +71,12 @@ KINDS = {
     "ingest": ("timed", "publish"), "dedup": ("timed", "publish"), "tokenizer": ("publish", "timed"),
     "pretrain": ("checkpoint", "checkpoint-save", "timed"), "qa": ("publish", "timed"),
     "midtrain": ("checkpoint-save", "checkpoint", "timed"), "sft": ("checkpoint", "timed"),
+    "reader": ("checkpoint", "timed"),
     "dpo": ("timed", "publish"), "index": ("timed", "publish"), "eval": ("timed", "publish"),
 }
 # The metric a resumed training stage must end on, as the uninterrupted run did (to 1e-3).
-FINAL_LOSS = {"pretrain": "val_loss_final", "midtrain": "val_loss_final", "sft": "val_loss_final", "dpo": "loss_final"}
+FINAL_LOSS = {"pretrain": "val_loss_final", "midtrain": "val_loss_final", "sft": "val_loss_final",
+              "reader": "val_loss_final", "dpo": "loss_final"}
 ATTEMPTS = 3  # a timed kill that lands after the stage finished is retried, earlier each time
 RESULTS: list[dict[str, Any]] = []
 
