@@ -84,6 +84,7 @@ def score_labelled_positions_only() -> bool:
             return device.type == "cpu" or original(device)
 
         compact.gristmill_compact = True
+        compact.original = original
         fused._use_triton = compact
     return True
 
