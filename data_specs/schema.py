@@ -325,11 +325,18 @@ class QASpec(Section):
         ("question", "answer", "span"), description="Remove train pairs that match an eval question on any of these: "
         "the normalised question, the normalised answer, or an overlapping evidence span in the same document.")
     seed: int = Field(0, description="Seed of the split and sampling.")
+    holdout_from_training: bool = Field(
+        False, description="With split_by: document, pretrain and midtrain also leave the held-out documents out, "
+        "so eval asks about documents no stage trained on. Off by default: putting the documents' knowledge "
+        "into the model is what pre- and mid-training are for.")
     openai: OpenAISpec | None = Field(None, description="Settings of the openai generator.")
     model: ModelGeneratorSpec | None = Field(None, description="Settings of the model generator.")
 
     @model_validator(mode="after")
     def _generator_settings(self) -> QASpec:
+        if self.holdout_from_training and self.split_by != "document":
+            raise ValueError("holdout_from_training needs split_by: document (split_by: question holds out "
+                             "questions, whose documents stay in training)")
         if self.generator == "openai" and self.openai is None:
             raise ValueError("generator 'openai' needs an `openai:` section (base_url, model)")
         if self.generator == "model" and self.model is None:

@@ -178,7 +178,7 @@ def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metr
                "arms": arms, "verdict": verdict.sentence, "comparisons": [c.to_dict() for c in verdict.comparisons],
                "by_retrieval": by_retrieval(scores, in_front),
                "retrieval": {"retriever": cfg.retrieval, "strict": retrieval.strict, "lenient": retrieval.lenient},
-               "leakage": lineage.leakage(inputs.pairs), "stages": lineage.stage_rows(ctx),
+               "leakage": lineage.leakage(inputs.pairs, ctx.lineage), "stages": lineage.stage_rows(ctx),
                "lineage": lineage.counts(ctx), "disagreements": disagreements(qs, answers, scores)}
     write_jsonl(out / "answers.jsonl", _answer_rows(qs, found, answers, scores))
     (out / Report.SUMMARY).write_text(json.dumps(_plain(summary), indent=2, ensure_ascii=False, allow_nan=False))

@@ -16,8 +16,10 @@ pretrain's (tasks/training.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +28,7 @@ from data_specs.schema import MidtrainSpec
 from tasks.core.artifacts import Documents, Model, Pairs
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.train.distributed import run_or_launch
-from tasks.train.lm_data import is_validation, pack, split_by_document
+from tasks.train.lm_data import holdout_fields, is_validation, pack, split_by_document, training_documents
 from tasks.train.loop import Dist, check_time_limit, loop_resolution, pick_device, save_trained, train_loop
 
 
@@ -52,10 +54,11 @@ class MidtrainInputs:
     pairs: Pairs
 
 
-def mixture(cfg: MidtrainSpec, inputs: MidtrainInputs, tokenizer, block: int,
-            where: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def mixture(cfg: MidtrainSpec, inputs: MidtrainInputs, tokenizer, block: int, where: str,
+            fields: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(train blocks, validation blocks, manifest) of the documents + Q&A mixture."""
-    doc_train, doc_val = split_by_document(inputs.documents, cfg.val_fraction, cfg.seed)
+    docs, held_out = training_documents(inputs.documents, fields)
+    doc_train, doc_val = split_by_document(docs, cfg.val_fraction, cfg.seed)
     pairs = inputs.pairs.train()
     qa_train = [qa_text(p["question"], p["answer"]) for p in pairs if not is_validation(p["id"], cfg.val_fraction, cfg.seed)]
     qa_val = [qa_text(p["question"], p["answer"]) for p in pairs if is_validation(p["id"], cfg.val_fraction, cfg.seed)]
@@ -75,20 +78,23 @@ def mixture(cfg: MidtrainSpec, inputs: MidtrainInputs, tokenizer, block: int,
         raise InputError(f"{where}: midtrain: no validation block of {block} tokens; raise val_fraction")
     manifest = {"weights": weights, "blocks_drawn": drawn, "blocks_available": {k: len(v[0]) for k, v in sources.items()},
                 "validation_blocks": {k: len(v[1]) for k, v in sources.items()}, "block_tokens": block,
-                "qa_format": qa_text("{question}", "{answer}")}
+                "qa_format": qa_text("{question}", "{answer}"), "documents": len(docs),
+                "held_out_documents_left_out": held_out}
     return train, val, manifest
 
 
 def run(cfg: MidtrainSpec, inputs: MidtrainInputs, out: Path, ctx: RunContext, dist: Dist) -> Metrics:
     """The work of one process: the mixture, the loop; the main process saves the artifact."""
     model, tokenizer = inputs.model.load(ctx.trust_remote_code)
-    train, val, manifest = mixture(cfg, inputs, tokenizer, model.config.max_position_embeddings, str(ctx.spec_path))
+    train, val, manifest = mixture(cfg, inputs, tokenizer, model.config.max_position_embeddings, str(ctx.spec_path),
+                                   ctx.fields)
     result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="midtrain",
                         time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
                         compile_model=ctx.resolved["compile"])
     if save_trained(model, tokenizer, result, out, dist):
         (out / "mixture.json").write_text(json.dumps(manifest, indent=2))
-    return {**result.metrics, "mixture": manifest["blocks_drawn"]}
+    return {**result.metrics, "mixture": manifest["blocks_drawn"],
+            "held_out_documents_left_out": manifest["held_out_documents_left_out"]}
 
 
 def build(cfg: MidtrainSpec, inputs: MidtrainInputs, out: Path, ctx: RunContext) -> Metrics:
@@ -97,4 +103,4 @@ def build(cfg: MidtrainSpec, inputs: MidtrainInputs, out: Path, ctx: RunContext)
 
 
 STAGE = Stage("midtrain", build, output=Model, inputs=MidtrainInputs, section="midtrain", gpu=True,
-              resolve=loop_resolution)
+              resolve=loop_resolution, fields_when=holdout_fields)

@@ -27,7 +27,7 @@ from data_specs.schema import PretrainSpec
 from tasks.core.artifacts import Documents, Model, Tokenizer
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.train.distributed import run_or_launch
-from tasks.train.lm_data import packed_splits
+from tasks.train.lm_data import holdout_fields, packed_splits, training_documents
 from tasks.train.loading import load_causal_lm
 from tasks.train.loop import Dist, check_time_limit, loop_resolution, pick_device, save_trained, train_loop
 
@@ -82,13 +82,13 @@ def run(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext, d
     """The work of one process: data, model, loop; the main process saves the artifact."""
     tokenizer = inputs.tokenizer.load(ctx.trust_remote_code)
     model, block = make_model(cfg, tokenizer, ctx.trust_remote_code)
-    train, val = packed_splits(inputs.documents, tokenizer, block, cfg.val_fraction, cfg.seed,
-                               f"{ctx.spec_path}: pretrain")
+    docs, held_out = training_documents(inputs.documents, ctx.fields)
+    train, val = packed_splits(docs, tokenizer, block, cfg.val_fraction, cfg.seed, f"{ctx.spec_path}: pretrain")
     result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="pretrain",
                         time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
                         compile_model=ctx.resolved["compile"])
     save_trained(model, tokenizer, result, out, dist)
-    return result.metrics
+    return {**result.metrics, "documents": len(docs), "held_out_documents_left_out": held_out}
 
 
 def build(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext) -> Metrics:
@@ -97,4 +97,4 @@ def build(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext)
 
 
 STAGE = Stage("pretrain", build, output=Model, inputs=PretrainInputs, section="pretrain", gpu=True,
-              resolve=loop_resolution)
+              resolve=loop_resolution, fields_when=holdout_fields)

@@ -21,7 +21,6 @@ arm, says how far that held). Held-out documents are never shown (split_by: docu
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from tasks.core.artifacts import Index, Model, Pairs
 from tasks.core.jsonl import read_jsonl, write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage, Where
 from tasks.sft import readable_documents, resolve
-from tasks.train.finetune import history, save_models, supervised, tokens_per_second, write_history
+from tasks.train.finetune import publish_supervised, supervised
 from tasks.train.lm_data import is_validation
 
 ANSWER_END = 2  # tokens after the answer in the chat template: <|im_end|> and a newline
@@ -143,21 +142,14 @@ def build(cfg: ReaderSpec, inputs: ReaderInputs, out: Path, ctx: RunContext) -> 
     before = reading_f1(model, tokenizer, sample, recipe.max_new_tokens)
     trainer, resumed = supervised(recipe, model, tokenizer, train_rows, val_rows, ctx, "reader", max_length,
                                   ctx.resolved["packing"])
-    val_loss = trainer.evaluate().get("eval_loss")
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * recipe.epochs
     after = reading_f1(trainer.model, tokenizer, sample, recipe.max_new_tokens)
-    lineage = save_models(trainer.model, tokenizer, out, lora=recipe.lora is not None)
-    write_history(trainer, out / Model.CURVE)
-    (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": f"{inputs.model.stage} artifact "
-                                                  f"{inputs.model.fingerprint}"}, indent=2))
-    return {"train_loss_final": history(trainer, "loss")[-1], "val_loss_final": val_loss,
-            "tokens_per_s": tokens_per_second(trainer, tokens), "tokens": tokens, "examples": len(train_rows),
-            "val_examples": len(val_rows), "no_source": missing,
+    m = publish_supervised(trainer, tokenizer, recipe, out, inputs.model)
+    return {**m, "examples": len(train_rows), "val_examples": len(val_rows), "no_source": missing,
             "passages_per_prompt": mean(r["passages"] for r in rows) if rows else 0.0,
             "reading_f1_before": before, "reading_f1_after": after, "reading_sample": len(sample),
-            "resumed_from_step": resumed, "steps": trainer.state.global_step,
+            "resumed_from_step": resumed,
             "trained_on": f"{len(train_rows)} grounded examples (question + source chunk + BM25 negatives) x "
-                          f"{recipe.epochs:g} epochs, {tokens:,.0f} tokens, from {inputs.model.stage} (sft recipe)"}
+                          f"{recipe.epochs:g} epochs, {m['tokens']:,.0f} tokens, from {inputs.model.stage} (sft recipe)"}
 
 
 def resolve_recipe(cfg: ReaderSpec, where: Where) -> dict[str, Any]:

@@ -18,7 +18,6 @@ _after: token F1 of greedy answers to a fixed sample of train questions, before 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from eval.prompts import chat
 from tasks.core.artifacts import Documents, Model, Pairs
 from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage, Where
-from tasks.train.finetune import finetune_resolution, history, save_models, supervised, tokens_per_second, write_history
+from tasks.train.finetune import finetune_resolution, publish_supervised, supervised
 from tasks.train.lm_data import hash_unit, is_validation
 
 
@@ -113,22 +112,13 @@ def build(cfg: SFTSpec, inputs: SFTInputs, out: Path, ctx: RunContext) -> Metric
 
     packing = ctx.resolved["packing"]
     trainer, resumed = supervised(cfg, model, tokenizer, train_rows, val_rows, ctx, "sft", max_length, packing)
-    # None when no validation example kept an assistant token within max_length (TRL then
-    # evaluates nothing and reports no loss); the stage's other metrics still stand.
-    val_loss = trainer.evaluate().get("eval_loss")
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.epochs
     f1_after = answer_f1(trainer.model, tokenizer, sample, cfg.max_new_tokens)
-    lineage = save_models(trainer.model, tokenizer, out, lora=cfg.lora is not None)
-    write_history(trainer, out / Model.CURVE)
-    (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": f"{inputs.model.stage} artifact "
-                                                  f"{inputs.model.fingerprint}"}, indent=2))
-    return {"train_loss_final": history(trainer, "loss")[-1], "val_loss_final": val_loss,
-            "tokens_per_s": tokens_per_second(trainer, tokens), "answer_f1_before": f1_before,
-            "answer_f1_after": f1_after, "answer_sample": len(sample), "examples": len(train_rows),
-            "val_examples": len(val_rows), **counts, "resumed_from_step": resumed,
-            "steps": trainer.state.global_step, "lora": cfg.lora is not None, "packing": packing,
+    m = publish_supervised(trainer, tokenizer, cfg, out, inputs.model)
+    return {**m, "answer_f1_before": f1_before, "answer_f1_after": f1_after, "answer_sample": len(sample),
+            "examples": len(train_rows), "val_examples": len(val_rows), **counts, "resumed_from_step": resumed,
+            "lora": cfg.lora is not None, "packing": packing,
             "trained_on": f"{len(train_rows)} Q&A examples ({counts['grounded']} grounded in passages, the rest "
-                          f"closed book) x {cfg.epochs:g} epochs, {tokens:,.0f} tokens, from {inputs.model.stage}"}
+                          f"closed book) x {cfg.epochs:g} epochs, {m['tokens']:,.0f} tokens, from {inputs.model.stage}"}
 
 
 def resolve(cfg: SFTSpec, where: Where) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def stage_view(stage: Stage, spec: RunSpec) -> tuple[KeyedView | None, RuntimeVi
     cfg = KeyedView(section, stage.section, spec.base_dir) if isinstance(section, BaseModel) else None
     runtime = RuntimeView(section, stage.section, spec.base_dir) if isinstance(section, BaseModel) else None
     fields = {}
-    for dotted in stage.key_fields():
+    for dotted in stage.key_fields(spec):
         value, kind, _ = _field(spec, dotted)
         if kind == RUNTIME:
             raise KeyError(f"stage {stage.name!r} declares {dotted}, a runtime field: it cannot change the output")
@@ -105,7 +105,7 @@ def spec_part(stage: Stage, spec: RunSpec) -> dict[str, Any]:
     if stage.section:
         section = getattr(spec, stage.section)
         flat[stage.section] = section.cache_view() if isinstance(section, BaseModel) else cache_value(section)
-    for dotted in stage.key_fields():
+    for dotted in stage.key_fields(spec):
         value, kind, _ = _field(spec, dotted)
         if kind != CONTENT:
             flat[dotted] = cache_value(value)
@@ -136,7 +136,7 @@ def content_inputs(stage: Stage, spec: RunSpec) -> dict[str, str]:
     found: list[tuple[str, str, str]] = []
     if stage.section and isinstance(getattr(spec, stage.section), BaseModel):
         found += content_fields(getattr(spec, stage.section), stage.section)
-    for dotted in stage.key_fields():
+    for dotted in stage.key_fields(spec):
         value, kind, names = _field(spec, dotted)
         if kind == CONTENT and value:
             found.append((dotted, str(value), names))

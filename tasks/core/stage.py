@@ -96,6 +96,8 @@ class Stage:
     section: str | None = None
     # Dotted spec fields of other sections it reads (ctx.fields); keyed like its section.
     fields: tuple[str, ...] = ()
+    # More such fields, keyed only when the spec turns on what reads them: (spec) -> dotted fields.
+    fields_when: Callable[[Any], tuple[str, ...]] | None = None
     # Values resolved where it runs that change its output (device, precision, packing...).
     resolve: Resolver | None = None
     # Content digests of files outside the store it reads beyond its section's content fields
@@ -124,6 +126,8 @@ class Stage:
         hints = typing.get_type_hints(self.inputs)
         return {f.name: hints[f.name] for f in dataclasses.fields(self.inputs)}
 
-    def key_fields(self) -> tuple[str, ...]:
-        """Dotted spec fields outside its section that its key holds."""
-        return self.fields + (("executor.tasks",) if self.uses_executor else ())
+    def key_fields(self, spec: Any = None) -> tuple[str, ...]:
+        """Dotted spec fields outside its section that its key holds (for `spec`, with those of
+        `fields_when` it turns on)."""
+        extra = self.fields_when(spec) if self.fields_when is not None and spec is not None else ()
+        return self.fields + tuple(extra) + (("executor.tasks",) if self.uses_executor else ())

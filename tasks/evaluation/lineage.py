@@ -3,14 +3,14 @@ through the data stages, and the leakage between the train pairs and the eval qu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tasks.core.artifacts import Pairs
 from tasks.core.stage import RunContext
+from tasks.core.store import ArtifactRecord
 
-PRETRAINING = ("Pretraining and mid-training read every document of the corpus, held-out ones included: "
-               "injecting the corpus's knowledge is what they are for. SFT, the reader and the train pairs never "
-               "read a held-out document (split_by: document).")
+NOT_HELD_OUT = "SFT, the reader and the train pairs never read a held-out document (split_by: document)."
 
 
 def stage_rows(ctx: RunContext) -> list[dict[str, Any]]:
@@ -41,14 +41,30 @@ def counts(ctx: RunContext) -> dict[str, Any]:
     return out
 
 
-def leakage(pairs: Pairs) -> dict[str, Any] | None:
-    """What the eval questions share with the train pairs, and the decontamination applied."""
+def pretraining(split_by: str, lineage: Mapping[str, ArtifactRecord]) -> str:
+    """Which documents pretrain and midtrain read, from their records (qa.holdout_from_training)."""
+    if split_by != "document":
+        return ("Pretraining, mid-training and SFT read every document (split_by: question holds out questions, "
+                "not documents).")
+    trained = [lineage[name] for name in ("pretrain", "midtrain") if name in lineage]
+    left_out = {r.stage: r.metrics.get("held_out_documents_left_out", 0) for r in trained}
+    if trained and all(r.key.get("spec", {}).get("qa", {}).get("holdout_from_training") for r in trained):
+        return ("Pretraining and mid-training left the held-out documents out (qa.holdout_from_training: "
+                + ", ".join(f"{name} {n}" for name, n in left_out.items()) + " documents); the tokenizer "
+                "and the RAG index read every document. " + NOT_HELD_OUT)
+    return ("Pretraining and mid-training read every document of the corpus, held-out ones included "
+            "(qa.holdout_from_training: false): injecting the corpus's knowledge is what they are for. "
+            + NOT_HELD_OUT)
+
+
+def leakage(pairs: Pairs, lineage: Mapping[str, ArtifactRecord]) -> dict[str, Any] | None:
+    """What the eval questions share with the train pairs, the decontamination applied, and which
+    documents the training stages read."""
     m = pairs.metrics
     if "leakage" not in m:
         return None
     spec = pairs.record.key.get("spec", {}).get("qa", {})
+    split_by = spec.get("split_by", "question")
     return {"shared": m["leakage"], "decontaminate": spec.get("decontaminate", []),
-            "decontaminated": m.get("decontaminated", 0), "split_by": spec.get("split_by", "question"),
-            "pretraining": PRETRAINING if spec.get("split_by") == "document" else
-            "Pretraining, mid-training and SFT read every document (split_by: question holds out questions, "
-            "not documents)."}
+            "decontaminated": m.get("decontaminated", 0), "split_by": split_by,
+            "pretraining": pretraining(split_by, lineage)}

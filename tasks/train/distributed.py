@@ -34,7 +34,7 @@ def launch(stage: str, run, cfg: KeyedView, inputs: Any, out: Path, ctx: RunCont
         "stage": stage, "module": run.__module__, "section": _dump(cfg.unwrap()), "resources": _dump(ctx.resources),
         "inputs": {f.name: str(getattr(inputs, f.name).path) for f in dataclasses.fields(inputs)},
         "out": str(out), "work": str(ctx.work), "spec_path": str(ctx.spec_path),
-        "trust_remote_code": ctx.trust_remote_code, "resolved": dict(ctx.resolved)}))
+        "trust_remote_code": ctx.trust_remote_code, "resolved": dict(ctx.resolved), "fields": dict(ctx.fields)}))
     result = ctx.work / "result.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",

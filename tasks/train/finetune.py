@@ -233,3 +233,18 @@ def tokens_per_second(trainer, tokens: int) -> float:
     """Training tokens (examples x epochs, after packing) over the trainer's measured runtime."""
     runtime = next((row["train_runtime"] for row in reversed(trainer.state.log_history) if "train_runtime" in row), None)
     return tokens / runtime if runtime else 0.0
+
+
+def publish_supervised(trainer, tokenizer, spec: FinetuneSpec, out: Path, base: Model) -> dict[str, Any]:
+    """After a supervised run (its greedy checks done: saving merges LoRA): the model saved with
+    its loss curve and lineage; the metrics every stage of the SFT recipe reports."""
+    # None when no validation example kept an assistant token within max_length (TRL then
+    # evaluates nothing and reports no loss); the stage's other metrics still stand.
+    val_loss = trainer.evaluate().get("eval_loss")
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * spec.epochs
+    lineage = save_models(trainer.model, tokenizer, out, lora=spec.lora is not None)
+    write_history(trainer, out / Model.CURVE)
+    (out / "lineage.json").write_text(json.dumps({**lineage, "base_model": f"{base.stage} artifact {base.fingerprint}"},
+                                                 indent=2))
+    return {"train_loss_final": history(trainer, "loss")[-1], "val_loss_final": val_loss,
+            "tokens_per_s": tokens_per_second(trainer, tokens), "tokens": tokens, "steps": trainer.state.global_step}

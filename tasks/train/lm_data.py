@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +22,24 @@ def hash_unit(seed: int, key: str) -> float:
 def is_validation(doc_id: str, fraction: float, seed: int) -> bool:
     """A document's split depends only on its id and the seed, never on corpus order."""
     return hash_unit(seed, doc_id) < fraction
+
+
+def holdout_fields(spec) -> tuple[str, ...]:
+    """The qa fields pretrain and midtrain key when they leave qa's held-out documents out
+    (`qa.holdout_from_training`); none otherwise, so qa's split settings rebuild no model."""
+    return ("qa.holdout_from_training", "qa.eval_fraction", "qa.seed") if spec.qa.holdout_from_training else ()
+
+
+def training_documents(docs: Iterable[dict], fields: Mapping[str, Any]) -> tuple[list[dict], int]:
+    """(the documents a training stage reads, how many held-out ones it left out): every one, or
+    with `qa.holdout_from_training` those qa's split_by: document does not hold out (the same
+    hash of the document id, tasks/qa.py)."""
+    docs = list(docs)
+    if not fields.get("qa.holdout_from_training"):
+        return docs, 0
+    fraction, seed = fields["qa.eval_fraction"], fields["qa.seed"]
+    kept = [d for d in docs if hash_unit(seed, str(d["id"])) >= fraction]
+    return kept, len(docs) - len(kept)
 
 
 def split_by_document(docs: Iterable[dict], fraction: float, seed: int) -> tuple[list[str], list[str]]:

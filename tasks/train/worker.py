@@ -48,7 +48,8 @@ def main(job_path: str) -> int:
     torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")  # gloo: CPU test path
     inputs = stage.inputs(**{role: kind.at(Path(job["inputs"][role])) for role, kind in stage.roles().items()})
     ctx = RunContext(work=Path(job["work"]), trust_remote_code=job["trust_remote_code"], spec_path=Path(job["spec_path"]),
-                     resolved=job["resolved"], runtime=RuntimeView(section, stage.section, base), resources=resources)
+                     resolved=job["resolved"], fields=job["fields"], runtime=RuntimeView(section, stage.section, base),
+                     resources=resources)
     try:
         answer = {"metrics": module.run(KeyedView(section, stage.section, base), inputs, Path(job["out"]), ctx, dist)}
     except InputError as e:

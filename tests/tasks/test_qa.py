@@ -85,6 +85,35 @@ def test_split_by_document_keeps_documents_whole(tmp_path):
     assert eval_docs and not train_docs & eval_docs
 
 
+def test_holdout_from_training_keeps_the_held_out_documents_out_of_pretraining(tmp_path):
+    """With qa.holdout_from_training, pretrain reads no document that qa held out, and only those
+    are left out (the same hash of the document id as qa's split); its metrics count them."""
+    from tasks.core.keys import stage_view
+    from tasks.registry import PIPELINE
+    from tasks.train.lm_data import training_documents
+
+    factory = tiny_project(tmp_path, qa={**QA, "split_by": "document", "eval_fraction": 0.3,
+                                         "holdout_from_training": True})
+    result = run_qa(factory)
+    eval_docs = {r["doc_id"] for r in rows(result["qa"], "eval.jsonl")}
+    train_docs = {r["doc_id"] for r in rows(result["qa"], "train.jsonl")}
+    docs = list(iter_documents(Path(result["dedup"].path) / "documents"))
+    _, _, fields = stage_view(PIPELINE.get("pretrain"), factory.load(**factory.sections))
+    kept, left_out = training_documents(docs, fields)
+    kept_ids = {str(d["id"]) for d in kept}
+    assert eval_docs and not kept_ids & eval_docs and train_docs <= kept_ids
+    assert left_out == len(docs) - len(kept) > 0
+    spec = factory.load(**factory.sections)
+    built = {r.name: execute(r, spec, factory.store) for r in plan(spec, factory.store)
+             if r.name in ("tokenizer", "pretrain")}
+    assert built["pretrain"].record.metrics["held_out_documents_left_out"] == left_out
+
+
+def test_holdout_from_training_needs_split_by_document(tmp_path):
+    with pytest.raises(InputError, match="holdout_from_training needs split_by: document"):
+        tiny_project(tmp_path).load(qa={"holdout_from_training": True})
+
+
 def test_reviewer_questions_replace_the_split(tmp_path, qa_run):
     factory = tiny_project(tmp_path, qa=QA)
     taken = rows(qa_run["qa"], "train.jsonl")[0]

@@ -156,6 +156,21 @@ def test_the_reader_is_keyed_by_the_sft_recipe_it_trains_with(tmp_path):
     assert _key("reader", _tiny(tmp_path, {"dpo": {"lr": 0.01}})) == _key("reader", _tiny(tmp_path, {}))
 
 
+def test_qa_split_settings_key_the_models_only_when_they_leave_held_out_documents_out(tmp_path):
+    """qa.holdout_from_training off (the default): qa's seed and eval_fraction rebuild no model.
+    On: they change which documents pretrain and midtrain read, so they are in both keys."""
+    doc = {"qa": {"split_by": "document"}}
+    off = {s: _key(s, _tiny(tmp_path, doc)) for s in ("pretrain", "midtrain")}
+    for s in off:
+        assert _key(s, _tiny(tmp_path, {"qa": {"split_by": "document", "seed": 3}})) == off[s]
+    on = {"qa": {"split_by": "document", "holdout_from_training": True}}
+    for s in off:
+        assert _key(s, _tiny(tmp_path, on)) != off[s]
+        assert _key(s, _tiny(tmp_path, {"qa": {**on["qa"], "seed": 3}})) != _key(s, _tiny(tmp_path, on))
+        assert _key(s, _tiny(tmp_path, {"qa": {**on["qa"], "eval_fraction": 0.3}})) != _key(s, _tiny(tmp_path, on))
+    assert _key("tokenizer", _tiny(tmp_path, on)) == _key("tokenizer", _tiny(tmp_path, doc))
+
+
 def test_a_model_folder_as_rag_generator_is_keyed_by_content(tmp_path):
     folder = tmp_path / "spec" / "gen"
     _tiny(tmp_path, {})  # writes the spec folder
