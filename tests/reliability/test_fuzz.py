@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 from data_specs.errors import InputError
 from data_specs.loader import load_spec
 from eval.questions import MAX_LINE_BYTES, load_questions
-from tasks.core.runner import prepare_run
 from tasks.core.keys import stage_view
+from tasks.core.runner import prepare_run
 from tasks.core.stage import RunContext
 from tasks.ingest import STAGE as INGEST
 from tests.conftest import REPO, doc_text
