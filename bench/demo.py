@@ -16,22 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import describe  # bench/machine.py
+
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT = {"pretrain": "tokens_per_s", "midtrain": "tokens_per_s", "sft": "tokens_per_s",
               "reader": "tokens_per_s", "dpo": "tokens_per_s", "index": "chunks_per_s"}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return f"nproc={os.cpu_count()} cpu={cpu} load={' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
 
 
 def run(spec: Path, store: Path) -> tuple[float, str]:
@@ -71,11 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gristmill-demo-") as tmp:
         store = args.store or Path(tmp) / "store"
-        print(f"before: {machine()}")
+        print(f"before: {describe()}")
         if not args.rerun_only:
             wall, _ = run(args.spec, store)
             print("\n".join(table(store)))
-            print(f"after: {machine()}")
+            print(f"after: {describe()}")
             print(f"run from an empty store: {wall:.1f} s")
         rerun, out = run(args.spec, store)
         if " build " in out.split("done:")[0]:  # the plan's rows say "cached" or "build"

@@ -24,17 +24,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
+from machine import describe  # bench/machine.py
+
 from eval.arms import ExtractiveArm
+from eval.embedding import Embedder, EmbeddingSettings, resolve_precision
 from eval.hits import recall
 from eval.questions import Question
-from eval.rag import build_index, chunk_documents, default_embedder_path, embed, load_embedder
+from eval.rag import build_index, chunk_documents, default_embedder_path
 from eval.retrieval import Bm25Index, Retriever
-from eval.sentences import build_sentence_index
+from eval.sentences import build_sentence_index, split_sentences
+from tasks.train.loading import load_embedder
 
 CHUNKINGS = ((96, 24), (64, 16))  # python_docs.yaml, tiny.yaml
 
@@ -64,14 +66,6 @@ def read_questions(path: Path) -> list[Question]:
                      tuple(r["span"]) if r.get("span") else None) for r in rows]
 
 
-def machine() -> str:
-    """Cores, CPU model and load average, so the rates can be read against the machine."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"machine: nproc={len(os.sched_getaffinity(0))}, cpu={model}, load average={load}"
-
-
 def row(name: str, mode: str, r, chunks_per_s: float, ms: float) -> str:
     return (f"{name:<16}{mode:<16}{r.strict['recall@1']:>7.3f}{r.strict['recall@5']:>7.3f}"
             f"{r.lenient['recall@1']:>8.3f}{r.lenient['recall@5']:>8.3f}{chunks_per_s:>16.1f}{ms:>13.2f}")
@@ -82,7 +76,7 @@ def bench_chunking(docs, question_sets, embedder, words: int, overlap: int, fusi
     chunks = chunk_documents(docs, words, overlap)
     texts = [c.text for c in chunks]
     start = time.perf_counter()
-    dense_index = build_index(embed(embedder, texts), "flat")
+    dense_index = build_index(embedder.encode(texts), "flat")
     dense_s = time.perf_counter() - start
     start = time.perf_counter()
     bm25 = Bm25Index.build(texts)
@@ -91,7 +85,7 @@ def bench_chunking(docs, question_sets, embedder, words: int, overlap: int, fusi
     print(f"\nchunking {words}/{overlap} words: {len(chunks)} chunks of {len(docs)} documents")
     print(f"{'questions':<16}{'mode':<16}{'R@1':>7}{'R@5':>7}{'lenR@1':>8}{'lenR@5':>8}"
           f"{'build chunks/s':>16}{'ms/question':>13}")
-    encode = lambda t: embed(embedder, t)
+    encode = embedder.encode
     for name, qs in question_sets.items():
         questions, at1, gains = [q.question for q in qs], {}, []
         for mode in ("dense", "bm25"):
@@ -109,14 +103,21 @@ def bench_chunking(docs, question_sets, embedder, words: int, overlap: int, fusi
     return chunks, dense_index, bm25
 
 
+def re_embedding_answer(embedder: Embedder, question: str, texts: list[str]) -> str:
+    """The arm before precomputed sentences: embed the question and its chunks' sentences, take the closest."""
+    sentences = [t[a:b] for t in texts for a, b in split_sentences(t)]
+    vectors = embedder.encode([question, *sentences])
+    return sentences[int((vectors[1:] @ vectors[0]).argmax())] if sentences else ""
+
+
 def bench_extractive(qs: list[Question], chunks, dense_index, bm25, embedder, k: int = 3) -> None:
     """Seconds per question of the extractive arm, re-embedding vs precomputed sentences."""
-    encode = lambda t: embed(embedder, t)
+    encode = embedder.encode
     retrieval = Retriever("hybrid", dense_index=dense_index, encode=encode, bm25=bm25).retrieve(
         [q.question for q in qs], k)
     retrieval.latency_s = [0.0] * len(qs)  # the arm's own time only
     start = time.perf_counter()
-    old = ExtractiveArm(embedder, chunks, retrieval, k).answer_many(qs)
+    old = [re_embedding_answer(embedder, q.question, [chunks[c].text for c in ids]) for q, ids in zip(qs, retrieval.ids)]
     old_s = time.perf_counter() - start
     start = time.perf_counter()
     sentences = build_sentence_index([c.text for c in chunks], encode)
@@ -128,7 +129,7 @@ def bench_extractive(qs: list[Question], chunks, dense_index, bm25, embedder, k:
     start = time.perf_counter()
     ExtractiveArm(embedder, chunks, retrieval, k, sentences=sentences).answer_many(qs)
     embed_s = time.perf_counter() - start
-    same = sum(a.text == b.text for a, b in zip(old, new))
+    same = sum(a == b.text for a, b in zip(old, new))
     print(f"\nrag-extractive, {len(qs)} questions, k={k}: re-embedding {1000 * old_s / len(qs):.1f} ms/question; "
           f"precomputed {1000 * new_s / len(qs):.2f} ms/question with the retriever's question vectors "
           f"(speedup x{old_s / new_s:.0f}), {1000 * embed_s / len(qs):.2f} ms/question embedding the questions too "
@@ -155,11 +156,12 @@ def main() -> None:
         parser.error("give --store, or --docs and --qa")
     docs_dir = args.docs or only_folder("dedup/*/documents", args.store)
     qa_dir = args.qa or only_folder("qa/*", args.store)
-    print(machine())
+    print(describe())
     print(f"documents: {docs_dir}\nquestions: {qa_dir}")
     docs = read_documents(docs_dir)
     sets = {f"{split} ({len(qs)})": qs for split in ("eval", "train") if (qs := read_questions(qa_dir / f"{split}.jsonl"))}
-    embedder = load_embedder(default_embedder_path(), device="cpu")
+    model = load_embedder(default_embedder_path(), "cpu", trust_remote_code=False)
+    embedder = Embedder(model, EmbeddingSettings.for_device(resolve_precision("auto", "cpu"), "cpu"))  # as index
     fusions = [(int(k), float(w)) for k, w in (f.split(":") for f in args.fusion or ["60:1", "5:0.5"])]
     built = {}
     for words, overlap in CHUNKINGS:
@@ -167,7 +169,7 @@ def main() -> None:
     if args.extractive_questions:
         pool = [q for qs in sets.values() for q in qs][: args.extractive_questions]
         bench_extractive(pool, *built[CHUNKINGS[0][0]], embedder)
-    print("\n" + machine())
+    print("\n" + describe())
 
 
 if __name__ == "__main__":

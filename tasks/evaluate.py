@@ -27,10 +27,11 @@ from data_specs.errors import InputError
 from data_specs.schema import EvalSpec, RunSpec
 from eval.arms import ARMS, Answer, EvalQuestion, ExtractiveArm, GeneratorArm
 from eval.charts import charts
+from eval.embedding import Embedder, EmbeddingSettings
 from eval.hits import first_hit, recall
 from eval.metrics import empty_golds, words_in
 from eval.questions import load_questions
-from eval.rag import Chunk, embed
+from eval.rag import Chunk
 from eval.report import write_report
 from eval.retrieval import Bm25Index, Retrieval, Retriever
 from eval.scoring import by_retrieval, disagreements, score, summarize
@@ -59,7 +60,7 @@ class LoadedIndex:
 
     chunks: list[Chunk]
     faiss: Any
-    embedder: Any  # the index's own embedder, from its artifact
+    embedder: Embedder  # the index's own embedder and settings, from its artifact
     bm25: Bm25Index | None
     sentences: SentenceIndex | None
 
@@ -89,7 +90,8 @@ def load_index(index: Index, device: str, trust_remote_code: bool) -> LoadedInde
     import faiss
 
     chunks = [Chunk(**row) for row in read_jsonl(index.path / Index.CHUNKS)]
-    embedder = load_embedder(index.folder, device, trust_remote_code=trust_remote_code)
+    model = load_embedder(index.folder, device, trust_remote_code=trust_remote_code)
+    embedder = Embedder(model, EmbeddingSettings.load(index.path))  # as the chunks were embedded
     bm25 = Bm25Index.load(index.path / Index.BM25) if (index.path / Index.BM25).exists() else None
     sentences = load_sentence_index(index.path, len(chunks)) if (index.path / Index.SENTENCES).exists() else None
     return LoadedIndex(chunks, faiss.read_index(str(index.path / Index.FAISS)), embedder, bm25, sentences)
@@ -97,7 +99,7 @@ def load_index(index: Index, device: str, trust_remote_code: bool) -> LoadedInde
 
 def retrieve(cfg: EvalSpec, idx: LoadedIndex, qs: list[EvalQuestion]) -> Retrieval:
     """Top max(k, 5) chunks per question (recall@5 is always measured); the arms read the top k."""
-    retriever = Retriever(cfg.retrieval, dense_index=idx.faiss, encode=lambda texts: embed(idx.embedder, texts),
+    retriever = Retriever(cfg.retrieval, dense_index=idx.faiss, encode=idx.embedder.encode,
                           bm25=idx.bm25, candidates=cfg.candidates, rrf_k=cfg.rrf_k, weights=(cfg.dense_weight, 1.0))
     return retriever.retrieve([q.question for q in qs], max(cfg.k, 5))
 
@@ -148,7 +150,7 @@ def retrieved_sentences(idx: LoadedIndex, found: Retrieval, k: int) -> SentenceI
     embedded once (an index built with `index.sentences` has them all already)."""
     used = {c for ids in found.ids for c in ids[:k]}
     texts = [c.text if c.id in used else "" for c in idx.chunks]  # "" holds no sentence: not embedded
-    return build_sentence_index(texts, lambda batch: embed(idx.embedder, batch))
+    return build_sentence_index(texts, idx.embedder.encode)
 
 
 def seen_source(qs: list[EvalQuestion], found: Retrieval, chunks: list[Chunk],

@@ -154,6 +154,7 @@ class Index(Artifact):
     BM25: ClassVar[str] = "bm25"  # eval.retrieval.Bm25Index.save's folder
     SENTENCES: ClassVar[str] = "sentences.json"  # written last by eval.sentences.save_sentence_index
     FOLDER: ClassVar[str] = "embedder"  # the embedder that embedded the chunks (and embeds questions)
+    EMBEDDING: ClassVar[str] = "embedding.json"  # how it embedded them (eval.embedding.EmbeddingSettings)
 
 
 class Report(Artifact):

@@ -6,7 +6,7 @@ import pytest
 from data_specs.errors import InputError
 from eval.arms import EvalQuestion
 from eval.hits import recall
-from eval.rag import build_index, chunk_documents, embed
+from eval.rag import build_index, chunk_documents
 from eval.retrieval import Retriever
 from tasks.train.loading import load_embedder
 
@@ -33,18 +33,18 @@ def test_chunks_are_word_windows_with_offsets():
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_recall_on_a_toy_corpus(embedder, kind):
     chunks = chunk_documents(DOCS, words=64, overlap=8)
-    index = build_index(embed(embedder, [c.text for c in chunks]), kind)
+    index = build_index(embedder.encode([c.text for c in chunks]), kind)
     qs = [EvalQuestion("1", "How does a knight move in chess?", ("L shape",), "chess"),
           EvalQuestion("2", "What causes ocean tides?", ("gravitational pull of the moon",), "tides"),
           EvalQuestion("3", "Why does a volcano erupt?", ("magma",), "volcano")]
-    retrieval = Retriever("dense", dense_index=index, encode=lambda t: embed(embedder, t)).retrieve(
+    retrieval = Retriever("dense", dense_index=index, encode=lambda t: embedder.encode(t)).retrieve(
         [q.question for q in qs], 2)
     assert [chunks[ids[0]].doc_id for ids in retrieval.ids] == ["chess", "tides", "volcano"]
     assert recall(qs, retrieval.ids, chunks, 2).strict == {"recall@1": 1.0, "recall@2": 1.0, "recall@5": 1.0}
 
 
 def test_embeddings_are_normalised(embedder):
-    v = embed(embedder, ["hello", "world"])
+    v = embedder.encode(["hello", "world"])
     assert v.dtype == np.float32 and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
 
 

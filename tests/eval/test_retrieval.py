@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from eval.rag import build_index, embed
+from eval.rag import build_index
 from eval.retrieval import Bm25Index, Retriever, rrf, tokenize
 from tests.conftest import REPO
 
@@ -104,7 +104,7 @@ def test_hybrid_beats_dense_and_bm25_where_each_fails(minilm):
     """MiniLM confuses os.path.getatime/getctime with their siblings; BM25 has no word of the
     paraphrases (or a wrong one first). Fused with the paper's k=60, every query is answered."""
     embedder = minilm
-    encode = lambda texts: embed(embedder, texts)
+    encode = lambda texts: embedder.encode(texts)
     parts = {"dense_index": build_index(encode(DOCS), "flat"), "encode": encode, "bm25": Bm25Index.build(DOCS)}
     queries = IDENTIFIER_QUERIES + PARAPHRASE_QUERIES
     dense, bm25 = top1_misses(Retriever("dense", **parts), queries), top1_misses(Retriever("bm25", **parts), queries)

@@ -6,7 +6,7 @@ import pytest
 
 from eval.arms import ExtractiveArm
 from eval.questions import Question
-from eval.rag import Chunk, embed
+from eval.rag import Chunk
 from eval.retrieval import Retrieval
 from eval.sentences import (
     best_sentence,
@@ -77,7 +77,7 @@ def test_save_load_roundtrip_and_stale_refusal(tmp_path):
 def _re_embedding_answer(embedder, question: str, texts: list[str]) -> str:
     """The old arm: embed the question and every sentence of its chunks, take the closest."""
     sentences = [s for t in texts for s in sentence_texts(t)]
-    vectors = embed(embedder, [question, *sentences])
+    vectors = embedder.encode([question, *sentences])
     return sentences[int(np.argmax(vectors[1:] @ vectors[0]))]
 
 
@@ -86,8 +86,8 @@ def test_precomputed_arm_answers_like_the_re_embedding_arm(minilm):
     chunks = [Chunk(i, f"d{i}", 0, len(t), t) for i, t in enumerate(CHUNKS)]
     qs = [Question("1", "What pulls the oceans?", ("the moon",)), Question("2", "How do bishops move?", ("diagonally",)),
           Question("3", "How often do tides rise?", ("twice a day",))]
-    retrieval = Retrieval([[0, 2], [2, 0], [1, 0]], [0.0, 0.0, 0.0], embed(embedder, [q.question for q in qs]))
-    sentences = build_sentence_index(CHUNKS, lambda t: embed(embedder, t))
+    retrieval = Retrieval([[0, 2], [2, 0], [1, 0]], [0.0, 0.0, 0.0], embedder.encode([q.question for q in qs]))
+    sentences = build_sentence_index(CHUNKS, lambda t: embedder.encode(t))
     new = ExtractiveArm(embedder, chunks, retrieval, k=2, sentences=sentences).answer_many(qs)
     old = [_re_embedding_answer(embedder, q.question, [CHUNKS[c] for c in ids]) for q, ids in zip(qs, retrieval.ids)]
     assert [a.text for a in new] == old == ["The moon pulls the oceans!", "Bishops move diagonally.",
@@ -98,5 +98,5 @@ def test_precomputed_arm_answers_like_the_re_embedding_arm(minilm):
 def test_sentences_of_unretrieved_chunks_are_never_embedded(minilm):
     """eval without index.sentences: empty texts for the chunks no question retrieved."""
     seen = []
-    index = build_sentence_index(["", CHUNKS[1], ""], lambda t: seen.extend(t) or embed(minilm, t))
+    index = build_sentence_index(["", CHUNKS[1], ""], lambda t: seen.extend(t) or minilm.encode(t))
     assert seen == sentence_texts(CHUNKS[1]) and list(index.rows([0, 2])) == []
