@@ -30,12 +30,13 @@ from pathlib import Path
 from machine import describe  # bench/machine.py
 
 from eval.arms import ExtractiveArm
-from eval.embedding import Embedder, EmbeddingSettings, resolve_precision
+from eval.embedding import Embedder, EmbeddingSettings
 from eval.hits import recall
 from eval.questions import Question
 from eval.rag import build_index, chunk_documents, default_embedder_path
 from eval.retrieval import Bm25Index, Retriever
 from eval.sentences import build_sentence_index, split_sentences
+from tasks.core.keys import native_bf16
 from tasks.train.loading import load_embedder
 
 CHUNKINGS = ((96, 24), (64, 16))  # python_docs.yaml, tiny.yaml
@@ -161,7 +162,7 @@ def main() -> None:
     docs = read_documents(docs_dir)
     sets = {f"{split} ({len(qs)})": qs for split in ("eval", "train") if (qs := read_questions(qa_dir / f"{split}.jsonl"))}
     model = load_embedder(default_embedder_path(), "cpu", trust_remote_code=False)
-    embedder = Embedder(model, EmbeddingSettings.for_device(resolve_precision("auto", "cpu"), "cpu"))  # as index
+    embedder = Embedder(model, EmbeddingSettings.for_device("bf16" if native_bf16("cpu") else "fp32", "cpu"))
     fusions = [(int(k), float(w)) for k, w in (f.split(":") for f in args.fusion or ["60:1", "5:0.5"])]
     built = {}
     for words, overlap in CHUNKINGS:

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe  # bench/machine.py
 
 from data_specs.schema import MODEL_PRESETS
+from tasks.core.allocator import keep_freed_memory
+from tasks.core.keys import native_bf16
 from tasks.tokenizer import train_bpe
 
 WORDS = ("the a of list item value index return insert sorted key module function call object type class "
@@ -69,7 +71,7 @@ def setup(preset: str, n: int, vocab: int):
     return tokenizer, model, qa
 
 
-def trainer(tokenizer, model, qa, work: Path, batch: int, steps: int, checkpointing: bool):
+def trainer(tokenizer, model, qa, work: Path, batch: int, steps: int, checkpointing: bool, bf16: bool):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -77,7 +79,7 @@ def trainer(tokenizer, model, qa, work: Path, batch: int, steps: int, checkpoint
                               for q, a in qa])
     cuda = torch.cuda.is_available()
     args = SFTConfig(output_dir=str(work), per_device_train_batch_size=batch, learning_rate=1e-3, report_to="none",
-                     save_strategy="no", logging_steps=1, use_cpu=not cuda, bf16=cuda, disable_tqdm=True,
+                     save_strategy="no", logging_steps=1, use_cpu=not cuda, bf16=bf16, disable_tqdm=True,
                      max_length=model.config.max_position_embeddings, seed=0, max_steps=steps, packing=False,
                      assistant_only_loss=True, gradient_checkpointing=checkpointing, dataloader_num_workers=0)
     from transformers import PrinterCallback
@@ -87,7 +89,8 @@ def trainer(tokenizer, model, qa, work: Path, batch: int, steps: int, checkpoint
     return t
 
 
-def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bool, compact: bool) -> float:
+def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bool, compact: bool,
+            bf16: bool) -> float:
     """Real (non-padding) tokens/s of `steps` TRL steps."""
     import trl.trainer.utils as fused
 
@@ -98,7 +101,7 @@ def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bo
         score_labelled_positions_only()
     try:
         with tempfile.TemporaryDirectory() as work:
-            t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, checkpointing)
+            t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, checkpointing, bf16)
             start = time.perf_counter()
             t.train()
             elapsed = time.perf_counter() - start
@@ -109,31 +112,36 @@ def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bo
     return tokens / elapsed
 
 
-def plain_run(tokenizer, make_model, qa, batch: int, steps: int, labelled_only: bool) -> float:
+def plain_run(tokenizer, make_model, qa, batch: int, steps: int, labelled_only: bool, bf16: bool) -> float:
     """Real tokens/s of a plain loop over the batches TRL's collator makes."""
     with tempfile.TemporaryDirectory() as work:
-        t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, False)
+        t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, False, False)
         batches = [b for _, b in zip(range(steps), t.get_train_dataloader())]
     model = make_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = 0
     start = time.perf_counter()
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     for b in batches:
         labels = b["labels"][:, 1:]
-        if labelled_only:
-            hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-            keep = labels != -100
-            loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), labels[keep])
-        else:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                     ignore_index=-100)
+        with autocast:
+            loss = _plain_loss(model, b, labels, labelled_only)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
     return tokens / (time.perf_counter() - start)
+
+
+def _plain_loss(model, b, labels, labelled_only: bool):
+    if labelled_only:
+        hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        keep = labels != -100
+        return torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), labels[keep])
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                             ignore_index=-100)
 
 
 def main() -> None:
@@ -150,17 +158,19 @@ def main() -> None:
     datasets.disable_progress_bars()
     tokenizer, make_model, qa = setup(args.preset, args.batch * (args.steps + 1), args.vocab)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    keep_freed_memory()  # as every stage build does (tasks/core/runner.py)
+    bf16 = native_bf16(device)  # as tasks/train/finetune.py resolves it; the plain loops use the same
+    print(describe())
     print(f"device={device} preset={args.preset} vocab={args.vocab} batch={args.batch} steps={args.steps} "
-          f"threads={torch.get_num_threads()} interop={torch.get_num_interop_threads()} "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} nproc={os.cpu_count()} "
-          f"load={open('/proc/loadavg').read().split()[0]}")
+          f"precision={'bf16' if bf16 else 'fp32'} (gristmill's row and the plain loops; TRL's defaults: "
+          f"{'bf16' if device == 'cuda' else 'fp32'})")
+    n, b = args.steps, args.batch
     runs = {
-        "plain loop, full logits": lambda: plain_run(tokenizer, make_model, qa, args.batch, args.steps, False),
-        "plain loop, labelled positions": lambda: plain_run(tokenizer, make_model, qa, args.batch, args.steps, True),
-        "trl default": lambda: trl_run(tokenizer, make_model, qa, args.batch, args.steps, True, False),
-        "trl, no checkpointing": lambda: trl_run(tokenizer, make_model, qa, args.batch, args.steps, False, False),
-        "trl as gristmill runs it": lambda: trl_run(tokenizer, make_model, qa, args.batch, args.steps,
-                                                    device == "cuda", True),
+        "plain loop, full logits": lambda: plain_run(tokenizer, make_model, qa, b, n, False, bf16),
+        "plain loop, labelled positions": lambda: plain_run(tokenizer, make_model, qa, b, n, True, bf16),
+        "trl default": lambda: trl_run(tokenizer, make_model, qa, b, n, True, False, device == "cuda"),
+        "trl, no checkpointing": lambda: trl_run(tokenizer, make_model, qa, b, n, False, False, device == "cuda"),
+        "trl as gristmill runs it": lambda: trl_run(tokenizer, make_model, qa, b, n, device == "cuda", True, bf16),
     }
     rows = {name: 0.0 for name in runs}
     for _ in range(args.repeats):  # interleaved, so a burst of load hits every row alike

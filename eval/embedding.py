@@ -50,22 +50,6 @@ class EmbeddingSettings:
         return cls(**json.loads(path.read_text(encoding="utf-8"))) if path.exists() else cls("fp32", 64)
 
 
-def native_bf16(device: str) -> bool:
-    """Whether `device` computes bf16 in hardware (else autocast to bf16 is slower than fp32)."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto`: bf16 where the hardware computes it natively, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
-
-
 class Embedder:
     """A sentence-transformers model with fixed settings: L2-normalised float32 rows."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from data_specs.schema import IndexSpec, RunSpec
-from eval.embedding import Embedder, EmbeddingCache, EmbeddingSettings, resolve_precision
+from eval.embedding import Embedder, EmbeddingCache, EmbeddingSettings
 from eval.rag import build_index, chunk_documents, default_embedder_path
 from eval.retrieval import Bm25Index
 from eval.sentences import build_sentence_index, save_sentence_index
@@ -36,6 +36,7 @@ from tasks.core.artifacts import Documents, Index
 from tasks.core.files import link_tree
 from tasks.core.fingerprint import tree_digest
 from tasks.core.jsonl import write_jsonl
+from tasks.core.keys import native_bf16
 from tasks.core.progress import Progress
 from tasks.core.stage import Metrics, RunContext, Stage, Where
 from tasks.train.loading import load_embedder
@@ -97,8 +98,12 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
 
 
 def resolve(cfg: IndexSpec, where: Where) -> dict[str, Any]:
-    """Embeddings computed on CUDA differ in their last bits from CPU ones, bf16 ones from fp32."""
-    return {"device": where.device, "precision": resolve_precision(cfg.precision, where.device)}
+    """Embeddings computed on CUDA differ in their last bits from CPU ones, bf16 ones from fp32.
+    `auto`: bf16 where the hardware computes it natively, fp32 elsewhere."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16(where.device) else "fp32"
+    return {"device": where.device, "precision": precision}
 
 
 STAGE = Stage("index", build, output=Index, inputs=IndexInputs, section="index", external_inputs=external_inputs,

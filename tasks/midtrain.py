@@ -90,7 +90,7 @@ def run(cfg: MidtrainSpec, inputs: MidtrainInputs, out: Path, ctx: RunContext, d
                                    ctx.fields)
     result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="midtrain",
                         time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
-                        compile_model=ctx.resolved["compile"])
+                        compile_model=ctx.resolved["compile"], bf16=ctx.resolved["precision"] == "bf16-autocast")
     if save_trained(model, tokenizer, result, out, dist):
         (out / "mixture.json").write_text(json.dumps(manifest, indent=2))
     return {**result.metrics, "mixture": manifest["blocks_drawn"],

@@ -86,7 +86,7 @@ def run(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext, d
     train, val = packed_splits(docs, tokenizer, block, cfg.val_fraction, cfg.seed, f"{ctx.spec_path}: pretrain")
     result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="pretrain",
                         time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
-                        compile_model=ctx.resolved["compile"])
+                        compile_model=ctx.resolved["compile"], bf16=ctx.resolved["precision"] == "bf16-autocast")
     save_trained(model, tokenizer, result, out, dist)
     return {**result.metrics, "documents": len(docs), "held_out_documents_left_out": held_out}
 

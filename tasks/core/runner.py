@@ -20,6 +20,7 @@ from typing import Any
 
 from data_specs.errors import InputError, StageError
 from data_specs.schema import RunSpec
+from tasks.core.allocator import keep_freed_memory
 from tasks.core.faults import DiskFault, diagnose, from_os_error
 from tasks.core.files import checksum_tree, make_gzip_reproducible
 from tasks.core.fingerprint import digest_key, explain_change, fresh, installed_version
@@ -303,6 +304,7 @@ def _build(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore
     try:
         ctx = _context(item, stage, spec, store, work)
         cfg, _, _ = stage_view(stage, spec)
+        keep_freed_memory()
         metrics = stage.build(cfg, inputs, out, ctx)
     except InputError:
         shutil.rmtree(out, ignore_errors=True)

@@ -15,6 +15,7 @@ import torch
 from data_specs.errors import InputError, StageError
 from data_specs.schema import FinetuneSpec, LoraSpec
 from tasks.core.artifacts import Model
+from tasks.core.keys import native_bf16
 from tasks.core.stage import RunContext, Where
 from tasks.train.loop import Deadline, TimeLimitReached
 
@@ -42,14 +43,14 @@ def lora_config(spec: LoraSpec, model: torch.nn.Module, where: str):
 
 
 def finetune_resolution(cfg: FinetuneSpec, where: Where) -> dict[str, Any]:
-    """What TRL's trainer fixes where it runs: the device, and bf16 mixed precision on CUDA (fp32 on
-    CPU); both change the weights."""
-    return {"device": where.device, "precision": "bf16" if where.device == "cuda" else "fp32"}
+    """What TRL's trainer fixes where it runs: the device, and bf16 mixed precision where the device
+    computes bf16 natively (fp32 elsewhere); both change the weights."""
+    return {"device": where.device, "precision": "bf16" if native_bf16(where.device) else "fp32"}
 
 
 def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict[str, Any]:
     """Arguments every TRL config here gets (SFTConfig and DPOConfig are TrainingArguments)."""
-    cuda = ctx.resolved["precision"] == "bf16"
+    cuda = ctx.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise StageError("this stage was planned for a CUDA device (its fingerprint says so), but this machine has "
                          "none: run it on a GPU worker, or plan it here")
@@ -59,7 +60,7 @@ def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict
         warmup_steps=spec.warmup_ratio, weight_decay=spec.weight_decay, lr_scheduler_type="cosine",
         max_length=max_length, seed=spec.seed, data_seed=spec.seed, logging_steps=1,
         save_strategy="steps", save_steps=ctx.runtime.save_steps, save_total_limit=1, report_to="none",
-        bf16=cuda, use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
+        bf16=ctx.resolved["precision"] == "bf16", use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
         # TRL turns gradient checkpointing on by default: it saves GPU memory by running each
         # forward twice. A CPU run has memory to spare and only pays the second forward.
         gradient_checkpointing=cuda,

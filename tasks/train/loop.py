@@ -30,6 +30,7 @@ import torch.distributed as torch_dist
 from data_specs.errors import StageError
 from data_specs.schema import OptimSpec
 from tasks.core.artifacts import Model
+from tasks.core.keys import native_bf16
 from tasks.core.progress import Progress
 from tasks.core.stage import Where
 
@@ -138,24 +139,23 @@ class BatchOrder:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: torch.Tensor, spec: OptimSpec, micro: int, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, val: torch.Tensor, spec: OptimSpec, micro: int, device: torch.device,
+             bf16: bool = False) -> float:
     """Mean next-token loss over a fixed subset of validation blocks."""
     model.eval()
     blocks = val[: spec.eval_blocks]
     total = 0.0
     for start in range(0, len(blocks), micro):
         batch = blocks[start:start + micro].to(device)
-        with _autocast(device):
+        with _autocast(device, bf16):
             total += model(input_ids=batch, labels=batch).loss.float().item() * len(batch)
     model.train()
     return total / len(blocks)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, bf16: bool):
+    """bf16 autocast where the hardware computes bf16 (loop_resolution decides), else plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -243,12 +243,14 @@ def _reduce_step(loss_sum: float, over: bool, dist: Dist, device: torch.device) 
 
 def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, spec: OptimSpec,
                work: Path, device: torch.device, dist: Dist = Dist(), label: str = "train",
-               time_limit: float | None = None, checkpoint_every: int = 50, compile_model: bool = False) -> LoopResult:
+               time_limit: float | None = None, checkpoint_every: int = 50, compile_model: bool = False,
+               bf16: bool = False) -> LoopResult:
     """Trains `model` in place on packed blocks for `spec.tokens` tokens; returns metrics and the curve.
 
     With `time_limit` (seconds, from this call), stops at the first step boundary past it with a
     checkpoint and returns a LoopResult whose `stopped_at` is set (see check_time_limit).
-    `checkpoint_every` (steps) and `compile_model` (CUDA only) are the runtime settings."""
+    `checkpoint_every` (steps) and `compile_model` (CUDA only) are the runtime settings; `bf16`
+    (autocast) is what loop_resolution resolved."""
     deadline = Deadline(time_limit)
     # ---- geometry: accumulation reaches batch_tokens with micro_batch sequences per pass
     seq_len = train.shape[1]
@@ -283,7 +285,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
         start_step, curve, tokens_seen = state["step"], state["curve"], state["tokens_seen"]
     else:
         curve.append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": None,
-                      "val_loss": evaluate(raw_model, val, spec, micro, device)})
+                      "val_loss": evaluate(raw_model, val, spec, micro, device, bf16)})
 
     # ---- the loop
     progress = Progress(label, total_steps, start_step, enabled=dist.main)
@@ -302,7 +304,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
             if dist.fsdp:
                 raw_model.set_requires_gradient_sync(sync)
             no_sync = model.no_sync() if not sync and not dist.fsdp else contextlib.nullcontext()
-            with _autocast(device), no_sync:
+            with _autocast(device, bf16), no_sync:
                 loss = model(input_ids=batch, labels=batch).loss / accum
                 loss.backward()
             loss_sum += loss.detach().float().item()
@@ -319,7 +321,7 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
         done = step + 1
         row = {"step": done, "tokens": tokens_seen, "lr": lr, "train_loss": loss_sum, "val_loss": None}
         if done % spec.eval_every == 0 or done == total_steps:
-            row["val_loss"] = evaluate(raw_model, val, spec, micro, device)
+            row["val_loss"] = evaluate(raw_model, val, spec, micro, device, bf16)
         curve.append(row)
         progress.update(done, loss_sum, trained_tokens / max(train_time, 1e-9))
         if over and done < total_steps:  # at the last step, finishing costs less than stopping
@@ -387,10 +389,11 @@ def pick_device(planned: str, dist: Dist = Dist()) -> torch.device:
 
 
 def loop_resolution(cfg: OptimSpec, where: Where) -> dict[str, Any]:
-    """What the loop fixes where it runs, all of which changes the weights: the device (bf16
-    autocast on CUDA, fp32 on CPU), the processes (the effective batch and the reduction order),
-    and whether torch.compile runs (CUDA only)."""
+    """What the loop fixes where it runs, all of which changes the weights: the device, the
+    precision (bf16 autocast where the device computes bf16 natively, fp32 elsewhere), the
+    processes (the effective batch and the reduction order), and whether torch.compile runs
+    (CUDA only)."""
     cuda = where.device == "cuda"
-    return {"device": where.device, "precision": "bf16-autocast" if cuda else "fp32",
+    return {"device": where.device, "precision": "bf16-autocast" if native_bf16(where.device) else "fp32",
             "processes": where.resources.gpus if where.resources is not None else 1,
             "compile": bool(where.runtime.compile) and cuda}

@@ -22,6 +22,7 @@ import torch.distributed as torch_dist
 
 from data_specs.errors import InputError
 from data_specs.views import KeyedView, RuntimeView
+from tasks.core.allocator import keep_freed_memory
 from tasks.core.stage import RunContext
 from tasks.train.loop import Dist
 
@@ -37,6 +38,7 @@ def _load(dumped: dict[str, Any] | None) -> Any:
 def main(job_path: str) -> int:
     """Joins the process group, runs its share of the stage, and (main process) reports."""
     job = json.loads(Path(job_path).read_text())
+    keep_freed_memory()
     module = importlib.import_module(job["module"])  # the stage's own module: already in its code digest
     stage = module.STAGE
     section, resources = _load(job["section"]), _load(job["resources"])

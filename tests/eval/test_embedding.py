@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.embedding import MAX_SHARDS, Embedder, EmbeddingCache, EmbeddingSettings, resolve_precision
+from eval.embedding import MAX_SHARDS, Embedder, EmbeddingCache, EmbeddingSettings
 from tasks.core.artifacts import Index
 from tasks.core.runner import execute, plan
 from tests.conftest import doc_text, write_jsonl
@@ -55,13 +55,9 @@ def test_shards_merge_and_broken_ones_are_ignored(minilm, tmp_path):
     assert len(cache.load()) == MAX_SHARDS + 2 and cache.missing(["text number 3", "new"]) == ["new"]
 
 
-def test_auto_precision_follows_the_hardware(monkeypatch):
-    import eval.embedding as embedding
-
-    monkeypatch.setattr(embedding, "native_bf16", lambda device: device == "cuda")
-    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16"
-    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    assert EmbeddingSettings.for_device("bf16", "cpu").batch_size == 1
+def test_settings_per_device():
+    assert EmbeddingSettings.for_device("bf16", "cpu") == EmbeddingSettings("bf16", 1)
+    assert EmbeddingSettings.for_device("fp32", "cuda").batch_size > 1
 
 
 def test_an_incremental_index_equals_a_cold_one(project, tmp_path):

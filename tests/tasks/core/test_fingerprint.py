@@ -142,12 +142,29 @@ def test_the_device_is_keyed_where_it_changes_the_output(tmp_path):
                        "midtrain": True, "sft": True, "dpo": True, "index": True, "reader": True, "eval": True}
 
 
-def test_sft_packing_auto_resolves_per_device(tmp_path):
+def test_sft_packing_auto_resolves_per_device(tmp_path, monkeypatch):
+    monkeypatch.setattr("tasks.train.finetune.native_bf16", lambda device: device == "cuda")
     sft = PIPELINE.get("sft")
     spec = _tiny(tmp_path, {"sft": {"packing": "auto"}})
     resolved = {d: stage_key(sft, spec, {}, d)["resolved"] for d in ("cpu", "cuda")}
     assert resolved["cpu"]["packing"] is False and resolved["cuda"]["packing"] is True
     assert resolved["cuda"]["precision"] == "bf16" and resolved["cpu"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_follows_what_the_hardware_computes_natively(tmp_path, monkeypatch, native):
+    """bf16 where this machine's CPU computes it (AVX512-BF16, AMX), fp32 elsewhere; index.precision
+    overrides auto; what it resolves to is in every model's and the index's key."""
+    for module in ("tasks.train.loop", "tasks.train.finetune", "tasks.index"):
+        monkeypatch.setattr(f"{module}.native_bf16", lambda device: native)
+    spec = _tiny(tmp_path, {})
+    resolved = {s: stage_key(PIPELINE.get(s), spec, {}, "cpu")["resolved"]["precision"]
+                for s in ("pretrain", "midtrain", "sft", "reader", "dpo", "index")}
+    want = ("bf16-autocast", "bf16") if native else ("fp32", "fp32")
+    assert resolved == {"pretrain": want[0], "midtrain": want[0], "sft": want[1], "reader": want[1], "dpo": want[1],
+                        "index": want[1]}
+    fixed = _tiny(tmp_path, {"index": {"precision": "fp32"}})
+    assert stage_key(PIPELINE.get("index"), fixed, {}, "cpu")["resolved"]["precision"] == "fp32"
 
 
 def test_the_reader_is_keyed_by_the_sft_recipe_it_trains_with(tmp_path):
