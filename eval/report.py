@@ -15,7 +15,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-CHARTS = ("f1", "loss")  # the PNG files a report has (loss only when a stage left a curve)
+# The PNG files a report has (loss only when a stage left a curve, lengths only with a data card).
+CHARTS = ("f1", "loss", "lengths")
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
