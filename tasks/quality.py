@@ -39,7 +39,6 @@ from tasks.data.card import FilterRun, Tallied, data_card, filter_table, removed
 from tasks.data.engine import StepCounts, run_pipeline, step_counts
 from tasks.data.quality_filters import CountingPII, Tally, make_filter
 
-
 NAME = "quality"
 
 
