@@ -141,10 +141,11 @@ def make_filter(spec: Section, language: str, exclusion_writer: DiskWriter) -> B
     raise TypeError(f"no datatrove filter for {type(spec).__name__}")
 
 
-def bare_filter(spec: Section, language: str) -> BaseFilter:
+def bare_filter(spec: Section, language: str, c4_rewrites: bool = False) -> BaseFilter:
     """The same datatrove filter with the same parameters and nothing around it (no exclusion
-    writer; C4 rewrites what it keeps, as datatrove does): what bench/quality.py runs bare."""
-    if isinstance(spec, C4QualitySpec):
+    writer, no reason for a regex): what bench/quality.py runs bare. C4 gives its verdict only, as
+    in the stage, unless `c4_rewrites` (datatrove's own behaviour: it shortens what it keeps)."""
+    if isinstance(spec, C4QualitySpec) and c4_rewrites:
         return C4QualityFilter(**_fields(spec), language=language)
     if isinstance(spec, RegexFilterSpec):
         return RegexFilter(spec.pattern)
