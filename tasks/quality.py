@@ -4,7 +4,7 @@ Reads:   the corpus's documents/ (dedup's), and the upstream records (for the da
 Writes:  documents/*.jsonl.gz (the kept documents, e-mails and IPs replaced when `pii` is set),
          removed/<filter>/*.jsonl.gz (every removed document, whole, with metadata.filter_reason:
          datatrove's exclusion writers), removed.jsonl (one line per removed document: id,
-         filter, reason, source, chars, first line), data_card.json and lengths.png (see
+         filter, reason, source, chars, first line of text), data_card.json and lengths.png (see
          tasks/data/card.py), logs/ (datatrove's stats and task logs).
 Metrics: documents_in, documents_out, chars_in, chars_out, rejected_by_filter {filter: n},
          rejected_by_reason {filter: {reason: n}}, pii {emails, ips} (null without `pii`).

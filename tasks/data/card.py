@@ -9,6 +9,7 @@ comes from counts datatrove kept, the removed documents, and the upstream record
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Tallied:
 
     @classmethod
     def from_counts(cls, counts: Mapping[str, float]) -> Tallied:
+        """From the merged counters of one Tally step (tasks/data/quality_filters.py)."""
         sources: dict[str, dict[str, int]] = {}
         for key, value in counts.items():
             for what in ("documents", "chars"):
@@ -43,9 +45,15 @@ class Tallied:
         return cls(int(counts.get("documents", 0)), int(counts.get("chars", 0)), dict(sorted(sources.items())), lengths)
 
 
+_HEADING = re.compile(r"#{1,6}\s.*|[=*\-~^#]{3,}")  # a Markdown heading, or an underline or rule
+
+
 def first_line(text: str) -> str:
-    """A document's first non-blank line, cut to FIRST_LINE_CHARS."""
-    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    """A document's first line of text, cut to FIRST_LINE_CHARS: the first non-blank line that is
+    not a Markdown heading or rule (a title such as "# bisect" says little about why a filter
+    removed it; the id is shown beside it), else the first non-blank line."""
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    line = next((s for s in lines if not _HEADING.fullmatch(s)), lines[0] if lines else "")
     return line if len(line) <= FIRST_LINE_CHARS else line[: FIRST_LINE_CHARS - 1] + "…"
 
 
