@@ -138,6 +138,32 @@ def test_the_data_card(filtered):
     assert (folder / Documents.LENGTHS).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_shows_the_data_card(filtered, tmp_path):
+    """eval finds the card through its lineage (the last upstream artifact holding one) and the
+    report's lineage section shows it: stages, filters with reasons, PII, lengths, first lines."""
+    from eval.report import markdown
+    from tasks.core.stage import RunContext
+    from tasks.evaluation.lineage import data_card
+
+    results, _ = filtered
+    ctx = RunContext(work=tmp_path, trust_remote_code=False, spec_path=tmp_path / "spec.yaml",
+                     lineage={name: r.record for name, r in results.items()},
+                     fetch=lambda name, rel: (p if (p := Path(results[name].path) / rel).is_file() else None))
+    card = data_card(ctx)
+    assert card == json.loads((Path(results["quality"].path) / Documents.CARD).read_text())
+    summary = {"verdict": "v", "questions": 0, "question_source": "s", "max_new_tokens": 1, "k": 1,
+               "retrieval": {"retriever": "bm25", "strict": {}, "lenient": {}}, "design": [], "arms": {},
+               "comparisons": [], "stages": [], "lineage": {}, "disagreements": [], "data_card": card}
+    md = markdown(summary, {"f1": "f1.png", "lengths": "lengths.png"})
+    assert "### Data card" in md and "![Document lengths](lengths.png)" in md
+    assert "| c4 | " in md and "lorem_ipsum 1 (filter_lorem_ipsum)" in md
+    assert "Personal data replaced: 2 e-mail address(es), 1 IP address(es)." in md
+    assert "| gopher_repetition | junk:repeated-lines | dup_line_frac |" in md
+    without = data_card(RunContext(work=tmp_path, trust_remote_code=False, spec_path=tmp_path,
+                                   lineage={n: r.record for n, r in results.items() if n != "quality"}))
+    assert without is None and "skipped the quality stage" in markdown({**summary, "data_card": None}, {"f1": "f1.png"})
+
+
 # ---------------------------------------------------------------- a corpus left empty, a custom filter
 
 
