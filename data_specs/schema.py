@@ -200,7 +200,7 @@ def _word_tokenizer_languages() -> frozenset[str]:
 # datatrove's heuristic filters, by name, with their own parameter names. The defaults are those
 # of the papers relaxed for technical documentation (short hard-wrapped lines, code, signatures,
 # Markdown headings), measured on the built-in corpus: with them no `pydoc_data.topics` document
-# is removed and 259 of its 266 documents are kept (README: Quality filters; BENCHMARKS.md).
+# is removed, and 257 of the 264 documents dedup leaves are kept (README: Quality filters).
 # Every parameter is keyed. `REASONS` maps the reason datatrove gives a removal to the parameter
 # that decided it, so a message can name the threshold.
 
