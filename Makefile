@@ -35,6 +35,7 @@ test: install
 # Each benchmark prints a ratio against a baseline measured in the same run (BENCHMARKS.md).
 bench: install
 	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/qa_rules.py
 	$(BIN)/python bench/finetune.py

@@ -13,8 +13,9 @@ file. Every field is one of three kinds for the cache key (data_specs/views.py):
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -174,11 +175,16 @@ class DedupSpec(Section):
     @field_validator("language")
     @classmethod
     def _known_language(cls, value: str) -> str:
-        # Checked here, not when dedup runs: an unknown code failed that stage (exit 1), not the spec.
-        if value not in _word_tokenizer_languages():
-            raise ValueError(f"datatrove has no word tokenizer for {value!r} (ISO 639-3 codes such as "
-                             "'eng', 'fra', 'deu')")
-        return value
+        return known_language(value)
+
+
+def known_language(value: str) -> str:
+    """A language code datatrove has a word tokenizer for. Checked in the spec, not when a data stage
+    runs: an unknown code failed that stage (exit 1), not the spec (exit 2)."""
+    if value not in _word_tokenizer_languages():
+        raise ValueError(f"datatrove has no word tokenizer for {value!r} (ISO 639-3 codes such as "
+                         "'eng', 'fra', 'deu')")
+    return value
 
 
 @functools.cache
@@ -187,6 +193,212 @@ def _word_tokenizer_languages() -> frozenset[str]:
     from datatrove.utils.word_tokenizers import load_tokenizer_assignments
 
     return frozenset(load_tokenizer_assignments())
+
+
+# ---------------------------------------------------------------- quality
+#
+# datatrove's heuristic filters, by name, with their own parameter names. The defaults are those
+# of the papers relaxed for technical documentation (short hard-wrapped lines, code, signatures,
+# Markdown headings), measured on the built-in corpus: with them no `pydoc_data.topics` document
+# is removed, and 257 of the 264 documents dedup leaves are kept (README: Quality filters).
+# Every parameter is keyed. `REASONS` maps the reason datatrove gives a removal to the parameter
+# that decided it, so a message can name the threshold.
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+NgramShare = tuple[Annotated[int, Field(ge=1, le=20)], Fraction]
+
+
+class GopherRepetitionSpec(Section):
+    """Gopher's repetition rules (Rae et al. 2021, table A1; datatrove's GopherRepetitionFilter).
+    Reference docs repeat signatures and "Return ..." lines by design, so every share is above
+    the paper's (0.3 / 0.2 / 0.2-0.16 / 0.15-0.10). null (or 0) turns a rule off."""
+
+    REASONS: ClassVar[dict[str, str]] = {
+        "dup_para_frac": "dup_para_frac", "dup_para_char_frac": "dup_para_char_frac",
+        "dup_line_frac": "dup_line_frac", "dup_line_char_frac": "dup_line_char_frac",
+        "top_*_gram": "top_n_grams", "duplicated_*_n_grams": "dup_n_grams"}
+
+    name: Literal["gopher_repetition"] = "gopher_repetition"
+    dup_line_frac: Fraction | None = Field(0.5, description="Largest share of lines that repeat an earlier line.")
+    dup_para_frac: Fraction | None = Field(0.5, description="Largest share of paragraphs that repeat an earlier one.")
+    dup_line_char_frac: Fraction | None = Field(0.5, description="Largest share of characters in repeated lines.")
+    dup_para_char_frac: Fraction | None = Field(0.5, description="Largest share of characters in repeated paragraphs.")
+    top_n_grams: tuple[NgramShare, ...] = Field(
+        ((2, 0.3), (3, 0.5), (4, 0.65)), description="[n, share] pairs: the most frequent word n-gram may cover at "
+        "most this share of the characters (short reference entries repeat their subject: pydoc's "
+        "callable-types topic reaches 0.59 for 4-grams).")
+    dup_n_grams: tuple[NgramShare, ...] = Field(
+        ((5, 0.45), (6, 0.43), (7, 0.41), (8, 0.39), (9, 0.37), (10, 0.35)), description="[n, share] pairs: "
+        "characters in word n-grams that occur more than once may cover at most this share.")
+
+
+class GopherQualitySpec(Section):
+    """Gopher's quality rules (Rae et al. 2021; datatrove's GopherQualityFilter). Relaxed for
+    reference docs: short entries (20 words, not 50), Markdown headings (`##` counts as two hash
+    symbols), code tokens (punctuation is a word to the tokenizer: pydoc's topics have 36-83 %
+    alphabetic words, not 80 %), and one stop word (signature lists have few)."""
+
+    REASONS: ClassVar[dict[str, str]] = {
+        "gopher_short_doc": "min_doc_words", "gopher_long_doc": "max_doc_words",
+        "gopher_below_avg_threshold": "min_avg_word_length", "gopher_above_avg_threshold": "max_avg_word_length",
+        "gopher_too_many_hashes": "max_symbol_word_ratio", "gopher_too_many_ellipsis": "max_symbol_word_ratio",
+        "gopher_too_many_bullets": "max_bullet_lines_ratio", "gopher_too_many_end_ellipsis": "max_ellipsis_lines_ratio",
+        "gopher_below_alpha_threshold": "max_non_alpha_words_ratio", "gopher_enough_stop_words": "min_stop_words"}
+
+    name: Literal["gopher_quality"] = "gopher_quality"
+    min_doc_words: int | None = Field(20, ge=0, description="Fewest words (not counting punctuation) (paper: 50).")
+    max_doc_words: int | None = Field(100_000, ge=1, description="Most words.")
+    min_avg_word_length: float | None = Field(3, ge=0, description="Shortest mean word length, in characters.")
+    max_avg_word_length: float | None = Field(10, ge=0, description="Longest mean word length, in characters "
+                                              "(a list of e-mail addresses or hashes is far above it).")
+    max_symbol_word_ratio: float | None = Field(0.3, ge=0, description="Most '#' or '...' per word (paper: 0.1).")
+    max_bullet_lines_ratio: Fraction | None = Field(0.9, description="Largest share of lines starting with a bullet.")
+    max_ellipsis_lines_ratio: Fraction | None = Field(0.3, description="Largest share of lines ending in '...'.")
+    max_non_alpha_words_ratio: Fraction | None = Field(0.3, description="Despite datatrove's name: the smallest "
+                                                       "share of words holding a letter (paper: 0.8).")
+    min_stop_words: int | None = Field(1, ge=0, description="Fewest of the stop words present (paper: 2).")
+    stop_words: tuple[str, ...] | None = Field(None, description="The stop words; null: Gopher's eight "
+                                               "(the, be, to, of, and, that, have, with).")
+
+
+class C4QualitySpec(Section):
+    """C4's rules (Raffel et al. 2020; datatrove's C4QualityFilter), applied as a verdict only: C4
+    also rewrites the text it keeps (lines without terminal punctuation dropped, every line
+    stripped), which would strip code and its indentation, so a kept document keeps its text.
+    For technical docs: no curly-bracket rule (code has braces) and one sentence, not five, on
+    lines ending like a sentence (hard-wrapped prose ends a line with a full stop only at the
+    end of a paragraph)."""
+
+    REASONS: ClassVar[dict[str, str]] = {"lorem_ipsum": "filter_lorem_ipsum", "curly_bracket": "filter_curly_bracket",
+                                         "too_few_sentences": "min_num_sentences"}
+
+    name: Literal["c4"] = "c4"
+    split_paragraph: bool = Field(True, description="Apply the line rules per line (C4); false: per sentence.")
+    filter_no_terminal_punct: bool = Field(True, description="Count only lines ending in . ? ! \" '.")
+    min_num_sentences: int = Field(1, ge=-1, description="Fewest sentences on the counted lines (paper: 5; -1: off).")
+    min_words_per_line: int = Field(3, ge=-1, description="Lines with fewer words are not counted (-1: off).")
+    max_word_length: int = Field(1000, ge=-1, description="Lines with a longer word are not counted (-1: off).")
+    filter_lorem_ipsum: bool = Field(True, description="Remove a document containing 'lorem ipsum'.")
+    filter_javascript: bool = Field(True, description="Do not count lines mentioning javascript.")
+    filter_curly_bracket: bool = Field(False, description="Remove a document containing '{' (paper: true).")
+    filter_policy: bool = Field(True, description="Do not count lines about cookies or terms of use.")
+
+
+class FineWebQualitySpec(Section):
+    """FineWeb's line rules (Penedo et al. 2024; datatrove's FineWebQualityFilter), at the paper's
+    values: made for web pages, they remove 129 of the built-in corpus's 266 documents (code
+    lines are short and end without punctuation), so it is not a default."""
+
+    REASONS: ClassVar[dict[str, str]] = {"line_punct_ratio": "line_punct_thr", "short_line_ratio": "short_line_thr",
+                                         "char_dup_ratio": "char_duplicates_ratio", "list_ratio": "new_line_ratio"}
+
+    name: Literal["fineweb"] = "fineweb"
+    line_punct_thr: Fraction = Field(0.12, description="Smallest share of lines ending in terminal punctuation.")
+    line_punct_exclude_zero: bool = Field(False, description="Keep documents where no line ends so.")
+    short_line_thr: Fraction = Field(0.67, description="Largest share of short lines.")
+    short_line_length: int = Field(30, ge=1, description="A short line's most characters.")
+    char_duplicates_ratio: Fraction = Field(0.01, description="Largest share of characters in repeated lines.")
+    new_line_ratio: float = Field(0.3, ge=0, description="Most newlines per word.")
+
+
+class RegexFilterSpec(Section):
+    """Removes every document a regular expression matches anywhere (datatrove's RegexFilter),
+    with `reason` as the reason; the filter is counted under that reason too."""
+
+    REASONS: ClassVar[dict[str, str]] = {}
+
+    name: Literal["regex"] = "regex"
+    pattern: str = Field(min_length=1, description="Python regular expression (re.search; inline flags such as "
+                         "(?i) or (?m) work).")
+    reason: str = Field("regex", pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Name of this filter and the "
+                        "reason every document it removes is kept with (lowercase letters, digits, _).")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return value
+
+
+QualityFilter = Annotated[
+    GopherRepetitionSpec | GopherQualitySpec | C4QualitySpec | FineWebQualitySpec | RegexFilterSpec,
+    Field(discriminator="name"),
+]
+FILTER_NAMES = ("gopher_repetition", "gopher_quality", "c4", "fineweb", "regex")
+# datatrove filters gristmill does not offer, and why (named when a spec asks for one).
+REFUSED_FILTERS = {"c4_badwords": "it downloads its word list at run time, and gristmill runs offline",
+                   "fasttext": "it needs a model file downloaded at run time",
+                   "language": "it downloads a language-identification model at run time"}
+
+
+def filter_label(spec: Section) -> str:
+    """What a filter is counted and named under: its name, or a regex filter's reason."""
+    return spec.reason if isinstance(spec, RegexFilterSpec) else spec.name
+
+
+def filter_parameter(spec: Section, reason: str) -> str | None:
+    """The parameter of a filter that decided a removal for `reason` (None when unknown)."""
+    if isinstance(spec, RegexFilterSpec):
+        return "pattern"
+    for pattern, field in spec.REASONS.items():
+        if reason == pattern or ("*" in pattern and re.fullmatch(re.escape(pattern).replace(r"\*", r"\d+"), reason)):
+            return field
+    return None
+
+
+class PIISpec(Section):
+    """Personal data replaced in the kept documents by datatrove's PIIFormatter."""
+
+    emails: bool = Field(True, description="Replace e-mail addresses (with email@example.com and "
+                         "firstname.lastname@example.org, in turn).")
+    ips: bool = Field(True, description="Replace IP addresses (with addresses that did not answer pings).")
+    public_ips_only: bool = Field(True, description="Replace only public IPs: 127.0.0.1, 192.168.x.x and the "
+                                  "documentation ranges stay.")
+
+
+class QualitySpec(Section):
+    """Heuristic quality filters and personal-data replacement after dedup (datatrove's filters,
+    offline). Every removed document is kept with the filter and the reason."""
+
+    filters: tuple[QualityFilter, ...] = Field(
+        (GopherRepetitionSpec(), GopherQualitySpec(), C4QualitySpec()),
+        description="Filters applied in order, each by `name` (gopher_repetition, gopher_quality, c4, fineweb, "
+        "regex) with datatrove's parameters; a document leaves at the first filter that removes it.")
+    pii: PIISpec | None = Field(None, description="Replace e-mail addresses and IPs in the kept documents; "
+                                "null: leave them.")
+    language: str = Field("eng", description="ISO 639-3 code of the language the filters split words and "
+                          "sentences for (datatrove's spaCy tokenizers, offline).")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        return known_language(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offered(cls, data: Any) -> Any:
+        filters = data.get("filters") if isinstance(data, dict) else None
+        for i, item in enumerate(filters if isinstance(filters, list) else []):
+            name = item.get("name") if isinstance(item, dict) else None
+            if isinstance(item, dict) and name is None:
+                raise ValueError(f"filters.{i}: every filter needs a `name`, one of {', '.join(FILTER_NAMES)}")
+            if name in REFUSED_FILTERS:
+                raise ValueError(f"filters.{i}: datatrove's {name!r} filter is not offered: {REFUSED_FILTERS[name]}")
+        return data
+
+    @model_validator(mode="after")
+    def _distinct(self) -> QualitySpec:
+        labels = [filter_label(f) for f in self.filters]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"filters: {', '.join(twice)} named more than once; give each regex filter its own "
+                             "`reason` (a filter is counted and reported under its name)")
+        if not self.filters and self.pii is None:
+            raise ValueError("no filters and no pii: set `quality: null` to skip the stage")
+        return self
 
 
 # ---------------------------------------------------------------- tokenizer and pretrain
@@ -557,6 +769,7 @@ class RunSpec(Section):
     store: PathStr | None = runtime(None, description="Artifact store folder or fsspec URL; default ./.gristmill.")
     corpus: CorpusSpec
     dedup: DedupSpec = DedupSpec()
+    quality: QualitySpec | None = Field(QualitySpec(), description="Quality filters and PII replacement after dedup; null skips the stage (its consumers read dedup's documents).")
     tokenizer: TokenizerSpec = TokenizerSpec()
     pretrain: PretrainSpec = PretrainSpec()
     qa: QASpec = QASpec()

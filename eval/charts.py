@@ -1,4 +1,5 @@
-"""The report's plots, as PNG bytes: F1 by arm with intervals, and the training loss curves."""
+"""The report's plots, as PNG bytes: F1 by arm with intervals, the training loss curves, and the
+data card's document lengths."""
 
 from __future__ import annotations
 
@@ -73,9 +74,36 @@ def loss_chart(curves: dict[str, Path]) -> bytes:
     return _png(fig)
 
 
+def _bin_label(lo: int, hi: int | None) -> str:
+    short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
+    return f"≥{short(lo)}" if hi is None else f"{short(lo)}–{short(hi)}"
+
+
+def length_chart(lengths: dict[str, Any]) -> bytes:
+    """Documents per length bin (characters, roughly logarithmic bins), one bar per stage side by
+    side: what each data stage kept, so a reviewer sees which lengths a filter took out.
+    `lengths` is the data card's: {"edges": upper bin edges, "stages": {stage: counts per bin}}."""
+    edges = lengths["edges"]
+    labels = [_bin_label(lo, hi) for lo, hi in zip([0, *edges], [*edges, None])]
+    stages = lengths["stages"]
+    width = 0.8 / max(1, len(stages))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, (stage, counts) in enumerate(stages.items()):
+        ax.bar([x + i * width for x in range(len(labels))], counts, width=width, label=f"after {stage}")
+    ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(labels))], labels, rotation=30, fontsize=8)
+    ax.set_xlabel("document length (characters)")
+    ax.set_ylabel("documents")
+    ax.set_title("Document lengths")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def charts(summary: dict[str, Any], curves: dict[str, Path]) -> dict[str, bytes]:
-    """{chart name: PNG bytes}: F1 by arm, and the loss curves of the training stages."""
+    """{chart name: PNG bytes}: F1 by arm, the loss curves of the training stages, and the data
+    card's lengths when the run has one."""
     pngs = {"f1": f1_chart(summary["arms"])}
     if curves:
         pngs["loss"] = loss_chart(curves)
+    if summary.get("data_card"):
+        pngs["lengths"] = length_chart(summary["data_card"]["lengths"])
     return pngs

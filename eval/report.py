@@ -5,7 +5,9 @@ tasks/evaluate.py), so the Markdown, the HTML and the Prefect artifacts can neve
 Sections, in the order a reviewer reads them: the verdict; what was compared (each arm's
 model, training data and context); the 2x2 of generator x retrieval with the references
 beside it; the comparisons as data; the split by whether retrieval found the source; every
-arm's scores and failure rates; retrieval; leakage; training; stages; lineage; disagreements.
+arm's scores and failure rates; retrieval; leakage; training; stages; lineage with the data card
+(the quality stage's: documents per stage and source, what each filter removed and why, lengths,
+PII); disagreements.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-CHARTS = ("f1", "loss")  # the PNG files a report has (loss only when a stage left a curve)
+# The PNG files a report has (loss only when a stage left a curve, lengths only with a data card).
+CHARTS = ("f1", "loss", "lengths")
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -147,11 +150,45 @@ def _provenance(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
                   [[s["stage"], s["fingerprint"], s["wall_s"], s["device"], s["gpu_hours"]] for s in summary["stages"]])
     out += ["", "## Lineage", ""]
     out += _table(["what", "count"], [[k, v] for k, v in summary["lineage"].items()])
+    out += _data_card(summary.get("data_card"), images)
     names = list(summary["arms"])
     out += ["", "## Where the arms disagree", ""]
     out += _table(["question", "reference answer", *[f"arm: {a}" for a in names]],
                   [[d["question"], d["reference"], *[d["answers"].get(a) for a in names]] for d in summary["disagreements"]])
     return out
+
+
+def _data_card(card: dict[str, Any] | None, images: dict[str, str]) -> list[str]:
+    """What the training data looked like: per stage and source, what each filter removed and why
+    (with the first lines of the longest documents it removed, to judge it), lengths and PII."""
+    if not card:
+        return ["", "### Data card", "", "None: the run skipped the quality stage (`quality: null`).", ""]
+    stages = [s["stage"] for s in card["stages"]]
+    out = ["", "### Data card", "", "Documents and characters after each data stage:", ""]
+    out += _table(["", *stages], [["documents", *[s["documents"] for s in card["stages"]]],
+                                  ["characters", *[s["chars"] for s in card["stages"]]]])
+    if len(card["sources"]) > 1:
+        out += ["", "Per source (documents after " + " / ".join(stages) + "):", ""]
+        out += _table(["source", "kind", "documents", "characters"],
+                      [[s["source"], s["kind"], " / ".join(str(s["documents"].get(t, "–")) for t in stages),
+                        " / ".join(str(s["chars"].get(t, "–")) for t in stages)] for s in card["sources"]])
+    out += ["", "What each quality filter removed (a document leaves at the first filter that removes it; "
+            "share: of the documents entering the stage):", ""]
+    out += _table(["filter", "reached", "removed", "share", "characters removed", "reasons (parameter)"],
+                  [[f["filter"], f["reached"], f["removed"], f["share_removed"], f["chars_removed"],
+                    ", ".join(f"{r} {n}" + (f" ({f['parameters'][r]})" if r in f["parameters"] else "")
+                              for r, n in f["reasons"].items()) or "–"] for f in card["filters"]])
+    pii = card.get("pii")
+    out += ["", "Personal data replaced: " + (f"{pii['emails']} e-mail address(es), {pii['ips']} IP address(es)."
+                                               if pii else "none (PII replacement off: `quality.pii` is null).")]
+    if "lengths" in images:
+        out += ["", f"![Document lengths]({images['lengths']})"]
+    examples = [[f["filter"], e["id"], e["reason"], e["chars"], e["first_line"]]
+                for f in card["filters"] for e in f["examples"]]
+    if examples:
+        out += ["", "The longest documents each filter removed (up to 10 per filter), by first line:", ""]
+        out += _table(["filter", "document", "reason", "characters", "first line"], examples)
+    return out + [""]
 
 
 def _change(summary: dict[str, Any], run: dict[str, Any]) -> list[str]:

@@ -4,7 +4,8 @@ Reads:   Q&A pairs (the held-out split, or `eval.score_questions`), the fine-tun
          reader (the rag generator unless `eval.rag_generator` names another), the index, and
          every upstream artifact's record (wall times, lineage, leakage) and loss curve.
 Writes:  answers.jsonl (every question, every arm's answer, scores, retrieved chunk ids),
-         summary.json (everything the report shows), report.md, report.html, f1.png, loss.png.
+         summary.json (everything the report shows), report.md, report.html, f1.png, loss.png,
+         lengths.png (the data card's document lengths).
 Metrics: {"verdict": "...", "comparisons": [{a, b, diff, ci, p, p_adjusted, n, n_clusters,
          winner, ...}], "arms": {arm: {n, em, f1, f1_ci, ...}}, "retrieval": {strict recall@1, @5,
          @k, @seen}, "retrieval_lenient": {...}, "questions", "refused_questions"}
@@ -12,7 +13,7 @@ Alone:   gristmill run SPEC --only eval; gristmill eval SPEC --questions FILE
 
 summary.json keys (what eval/report.py reads): questions, question_source, k, max_new_tokens,
 refused, design, arms, verdict, comparisons, by_retrieval, retrieval, leakage, stages,
-lineage, disagreements.
+lineage, data_card (the quality stage's data_card.json, or null), disagreements.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metr
                "by_retrieval": by_retrieval(scores, in_front),
                "retrieval": {"retriever": cfg.retrieval, "strict": retrieval.strict, "lenient": retrieval.lenient},
                "leakage": lineage.leakage(inputs.pairs, ctx.lineage), "stages": lineage.stage_rows(ctx),
-               "lineage": lineage.counts(ctx), "disagreements": disagreements(qs, answers, scores)}
+               "lineage": lineage.counts(ctx), "data_card": lineage.data_card(ctx),
+               "disagreements": disagreements(qs, answers, scores)}
     write_jsonl(out / "answers.jsonl", _answer_rows(qs, found, answers, scores))
     (out / Report.SUMMARY).write_text(json.dumps(_plain(summary), indent=2, ensure_ascii=False, allow_nan=False))
     curves = {name: path for name in ctx.lineage if (path := ctx.fetch(name, Model.CURVE)) is not None}

@@ -5,7 +5,7 @@ Writes:  documents/*.jsonl.gz (datatrove JSONL: id, text, metadata.source/where)
          logs/ (datatrove's stats and task logs) and rejects/*.jsonl.gz (every record not kept, with metadata.filter_reason and its raw
          content), so nothing the user gave is silently dropped.
 Metrics: documents_in, documents_out, rejected, rejected_by_reason, chars_out, and per source
-         the documents read and kept.
+         the documents read and kept and the characters kept.
 Alone:   gristmill run SPEC --only ingest
 """
 
@@ -93,6 +93,7 @@ class IngestFilter(BaseFilter):
         self.stat_update(f"read_source_{source}")
         if verdict is True:
             self.stat_update(f"kept_source_{source}")
+            self.stat_update(f"chars_source_{source}", value=len(doc.text))
         return verdict
 
 
@@ -146,7 +147,8 @@ def build(cfg: CorpusSpec, inputs: None, out: Path, ctx: RunContext) -> Metrics:
                                if k.startswith("dropped_")},
         "chars_out": counts.get("doc_len", 0),
         "sources": [{"source": i, "kind": src.kind, "read": counts.get(f"read_source_{i}", 0),
-                     "kept": counts.get(f"kept_source_{i}", 0)} for i, src, _ in sources],
+                     "kept": counts.get(f"kept_source_{i}", 0), "chars": counts.get(f"chars_source_{i}", 0)}
+                    for i, src, _ in sources],
     }
     for s in metrics["sources"]:
         if s["kept"] == 0:

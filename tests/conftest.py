@@ -70,14 +70,19 @@ def plain_transformers(model_dir: str | Path, body: str) -> dict:
 
 
 class SpecFactory:
-    """Writes a spec YAML (and returns it loaded) in a temp project folder."""
+    """Writes a spec YAML (and returns it loaded) in a temp project folder.
+
+    Its specs skip the quality stage (`quality: null`) unless a test passes a `quality` section:
+    the syllable documents of `doc_text` are not language, and the quality filters would rightly
+    remove every one of them (tests/tasks/test_quality.py runs the stage on real text)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.store = ArtifactStore(root / "store")
 
     def write(self, name: str = "t", **sections: Any) -> Path:
-        body = {"name": name, "corpus": {"sources": [{"kind": "jsonl", "path": "data/*.jsonl", "id_field": "id"}]}}
+        body = {"name": name, "corpus": {"sources": [{"kind": "jsonl", "path": "data/*.jsonl", "id_field": "id"}]},
+                "quality": None}
         body.update(sections)
         path = self.root / "spec.yaml"
         path.write_text(yaml.safe_dump(body))

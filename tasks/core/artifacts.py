@@ -4,7 +4,8 @@ A producer writes through its output type (`Model.save(out, model, tokenizer)`,
 `Pairs.write(out, ...)`), a consumer reads through the same type (`inputs.model.load(...)`),
 so no stage names another stage's files. Every model artifact keeps its model in `model/`.
 
-    Documents  documents/*.jsonl.gz (datatrove JSONL: id, text, metadata)   ingest, dedup
+    Documents  documents/*.jsonl.gz (datatrove JSONL: id, text, metadata)   ingest, dedup, quality
+               (+ data_card.json, lengths.png from quality)
     Tokenizer  tokenizer/ (save_pretrained)                                 tokenizer
     Model      model/ (safetensors + config + tokenizer), loss_curve.csv    pretrain ... dpo
     Pairs      train.jsonl, eval.jsonl, rejects.jsonl                       qa
@@ -66,6 +67,9 @@ class Documents(Artifact):
     """A corpus: datatrove JSONL files (plain or gzipped) of {id, text, metadata}."""
 
     FOLDER: ClassVar[str] = "documents"
+    # The data card a filtering stage writes beside its documents (tasks/data/card.py) and its plot.
+    CARD: ClassVar[str] = "data_card.json"
+    LENGTHS: ClassVar[str] = "lengths.png"
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Every document, in file order."""

@@ -269,12 +269,16 @@ def installed_version(distribution: str) -> str:
 
 
 def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of the leaves that differ between two JSON values."""
+    """Dotted paths of the leaves that differ between two JSON values (list items by position,
+    e.g. quality.filters.2.min_num_sentences, when both lists have the same length)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new)):
             out += _diff_paths(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and \
+            all(isinstance(v, dict) for v in old + new):
+        return [p for i, (a, b) in enumerate(zip(old, new)) for p in _diff_paths(a, b, f"{prefix}.{i}")]
     return [] if old == new else [prefix or "<all>"]
 
 
@@ -283,7 +287,11 @@ def explain_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if old is None:
         return "never built"
     reasons = []
-    changed_up = sorted(s for s in new["upstream"] if old.get("upstream", {}).get(s) != new["upstream"][s])
+    before = old.get("upstream", {})
+    gone, came = sorted(set(before) - set(new["upstream"])), sorted(set(new["upstream"]) - set(before))
+    if gone or came:  # an optional stage skipped or brought back (quality: null)
+        reasons.append(f"reads {', '.join(came) or 'nothing new'} instead of {', '.join(gone) or 'nothing'}")
+    changed_up = sorted(s for s in new["upstream"] if s in before and before[s] != new["upstream"][s])
     if changed_up:
         reasons.append("upstream " + ", ".join(changed_up) + " changed")
     for part, label in (("spec", "spec field"), ("resolved", "resolved"), ("inputs", "input content changed:"),

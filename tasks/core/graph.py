@@ -14,6 +14,11 @@ that provides the same name rebinds it for the lines below, so a filter inserted
 "corpus" below it: one module and one line. The graph is checked when it is built: known
 stages, each name once, every role bound to an earlier producer of the right type (so the
 order is topological and there is no cycle).
+
+An `optional` stage is skipped when the spec sets its section to null (`quality: null`): the
+graph for that spec (`for_spec`) leaves its wire out, so the name it provides stays bound to
+the stage above it and its consumers read that stage instead. The graph is checked both ways
+when it is built.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ class Wire:
 class Graph:
     """Stages in pipeline order with their inputs resolved to producing stages."""
 
-    def __init__(self, *wires: Wire):
+    def __init__(self, *wires: Wire, skipped: dict[str, str] | None = None):
         self.wires: tuple[Wire, ...] = wires
+        self.skipped: dict[str, str] = dict(skipped or {})  # stage left out by a spec -> its null section
         self._stages: dict[str, Stage] = {}
         self._upstream: dict[str, dict[str, str]] = {}  # stage -> {role: producing stage}
         bound: dict[str, str] = {}  # binding name -> producing stage
@@ -62,6 +68,32 @@ class Graph:
             bound[stage.name] = stage.name
             if wire.provides:
                 bound[wire.provides] = stage.name
+        if skipped is None:  # the full graph: each optional stage must be skippable
+            for wire in wires:
+                if wire.stage.optional:
+                    self._check_skippable(wire)
+
+    def _check_skippable(self, wire: Wire) -> None:
+        """An optional stage needs a section (null skips it) and a name it `provides` that a stage
+        above it already provides, and the graph must hold together without it."""
+        stage = wire.stage
+        before = self.wires[: self.wires.index(wire)]
+        if not stage.section or not wire.provides or \
+                not any(w.provides == wire.provides or w.stage.name == wire.provides for w in before):
+            raise GraphError(f"optional stage {stage.name!r} needs a section and must rebind a name a stage above it "
+                             f"provides (e.g. provides=\"corpus\"), so its consumers can read that stage instead")
+        try:
+            Graph(*(w for w in self.wires if w is not wire), skipped={stage.name: stage.section})
+        except GraphError as e:
+            raise GraphError(f"skipping optional stage {stage.name!r} breaks the graph: {e}") from None
+
+    def for_spec(self, spec: RunSpec) -> Graph:
+        """The graph a spec runs: without the optional stages whose section it sets to null."""
+        off = {w.stage.name: w.stage.section for w in self.wires
+               if w.stage.optional and getattr(spec, w.stage.section) is None}
+        if not off:
+            return self
+        return Graph(*(w for w in self.wires if w.stage.name not in off), skipped={**self.skipped, **off})
 
     @staticmethod
     def _check_section(stage: Stage) -> None:
@@ -103,6 +135,8 @@ class Graph:
 
     def get(self, name: str) -> Stage:
         """The stage called `name`; an unknown name is bad input that lists the known ones."""
+        if name in self.skipped:
+            raise InputError(f"stage {name!r} is skipped: the spec sets `{self.skipped[name]}: null`")
         if name not in self._stages:
             raise InputError(f"unknown stage {name!r}; stages are: {', '.join(self._stages)}")
         return self._stages[name]
@@ -142,4 +176,4 @@ class Graph:
         """This graph with `wire` placed right after stage `after` (tests and experiments)."""
         wires: Sequence[Wire] = self.wires
         i = next(i for i, w in enumerate(wires) if w.stage.name == after)
-        return Graph(*wires[: i + 1], wire, *wires[i + 1:])
+        return Graph(*wires[: i + 1], wire, *wires[i + 1:], skipped=self.skipped or None)

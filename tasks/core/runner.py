@@ -84,8 +84,9 @@ def _previous_key(store: ArtifactStore, stage: str, run_name: str) -> dict[str, 
 def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = (), graph: Graph | None = None,
          placement: Placement = Placement()) -> list[PlannedStage]:
     """Every stage with its fingerprint, in pipeline order; `force` marks stages (and what depends
-    on them) as to be rebuilt. `placement` says where stages run (their keys hold the device)."""
-    graph = graph or pipeline()
+    on them) as to be rebuilt. `placement` says where stages run (their keys hold the device).
+    Stages the spec skips (an optional stage whose section is null) are not planned."""
+    graph = (graph or pipeline()).for_spec(spec)
     forced = graph.with_dependents(force)
     fingerprints: dict[str, str] = {}
     planned = []
@@ -186,7 +187,7 @@ def prepare_run(spec_path: str | Path, store: str | None = None, until: str | No
         spec = spec.allowing_remote_code()
     st = resolve_store(spec, store)
     check_store_writable(st)
-    graph = pipeline()
+    graph = pipeline().for_spec(spec)
     rows = plan(spec, st, force=force, graph=graph, placement=placement)
     chosen = select(rows, until=until, only=only, graph=graph)
     by_name = {r.name: r for r in rows}
@@ -222,7 +223,7 @@ def execute(item: PlannedStage, spec: RunSpec, store: ArtifactStore, force: bool
 
     Damage is checked on use: the sizes of this stage's own cached artifact, the sha256 of every
     upstream artifact a build reads. A damaged artifact is moved aside and rebuilt."""
-    graph = graph or pipeline()
+    graph = (graph or pipeline()).for_spec(spec)
     stage = graph.get(item.name)
     try:
         inputs = _inputs(item, stage, spec, store, graph, placement)

@@ -105,6 +105,9 @@ class Stage:
     external_inputs: Callable[[RunSpec], dict[str, str]] | None = None
     # Runs on the GPU work pool under `--gpu-deployment` (it trains or runs a model).
     gpu: bool = False
+    # Skipped when the spec sets its section to null: the graph for that spec leaves its wire out,
+    # so the name it `provides` stays bound to the stage above it (tasks/core/graph.py).
+    optional: bool = False
     # Runs datatrove pipelines: gets ctx.executor, and `executor.tasks` (sharding) is keyed.
     uses_executor: bool = False
     # Modules it starts by name (not imported), e.g. the torchrun worker: in its code digest.

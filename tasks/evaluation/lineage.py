@@ -1,12 +1,14 @@
 """The report's provenance from upstream records: wall time per stage, documents and pairs
-through the data stages, and the leakage between the train pairs and the eval questions."""
+through the data stages, the data card, and the leakage between the train pairs and the eval
+questions."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from tasks.core.artifacts import Pairs
+from tasks.core.artifacts import Documents, Pairs
 from tasks.core.stage import RunContext
 from tasks.core.store import ArtifactRecord
 
@@ -35,10 +37,24 @@ def counts(ctx: RunContext) -> dict[str, Any]:
             out[f"documents after {name}"] = m["documents_out"]
         if "exact_duplicates" in m:
             out[f"duplicates removed by {name} (exact / near)"] = f"{m['exact_duplicates']} / {m['near_duplicates']}"
+        if "rejected_by_filter" in m:
+            out[f"documents removed by {name} ({' / '.join(m['rejected_by_filter'])})"] = \
+                " / ".join(str(n) for n in m["rejected_by_filter"].values()) or "0"
         if "pairs_kept" in m:
             out.update({"Q&A pairs kept": m["pairs_kept"], "train pairs (with paraphrases)": m["train"],
                         "held-out eval pairs": m["eval"]})
     return out
+
+
+def data_card(ctx: RunContext) -> dict[str, Any] | None:
+    """The data card of the last upstream stage that wrote one (the quality stage), or None when
+    the run has none (`quality: null`)."""
+    for name, record in reversed(list(ctx.lineage.items())):
+        if Documents.CARD in record.files:
+            path = ctx.fetch(name, Documents.CARD)
+            if path is not None:
+                return json.loads(path.read_text(encoding="utf-8"))
+    return None
 
 
 def pretraining(split_by: str, lineage: Mapping[str, ArtifactRecord]) -> str:

@@ -76,8 +76,8 @@ def test_plan_json(built_store):
     proc = gristmill("plan", str(TINY), "--store", str(built_store), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["stage"] for r in rows] == ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
-                                          "index", "reader", "eval"]
+    assert [r["stage"] for r in rows] == ["ingest", "dedup", "quality", "tokenizer", "pretrain", "qa", "midtrain",
+                                          "sft", "dpo", "index", "reader", "eval"]
     assert all(not r["cached"] and r["reason"] == "never built" for r in rows[2:])
     for row in rows[:2]:
         assert set(row) == {"stage", "fingerprint", "cached", "reason", "path", "resolved"}
@@ -106,7 +106,7 @@ def test_only_without_upstream_is_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "SPEC", "--only", "nope"], "unknown stage 'nope'; stages are: ingest, dedup, tokenizer"),
+    (["run", "SPEC", "--only", "nope"], "unknown stage 'nope'; stages are: ingest, dedup, quality, tokenizer"),
     (["run", "SPEC", "--force", "nope"], "unknown stage 'nope'"),
     (["plan", "missing.yaml"], "missing.yaml: spec file not found"),
 ])
@@ -136,6 +136,16 @@ def test_source_with_every_record_rejected_is_exit_2_without_traceback(tmp_path)
     proc = gristmill("run", str(spec), "--store", str(tmp_path / "s"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "corpus.sources.0 (jsonl): no documents kept: all 2 records were rejected" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_quality_filter_that_removes_everything_is_exit_2_naming_it(tmp_path):
+    shutil.copytree(TINY.parent / "tiny", tmp_path / "tiny")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY.read_text() + "quality:\n  filters:\n    - {name: c4, min_num_sentences: 1000}\n")
+    proc = gristmill("run", str(spec), "--store", str(tmp_path / "s"), "--until", "quality")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "quality.filters.0 (c4).min_num_sentences (1000) removed 30 of 30 documents" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -22,7 +22,7 @@ from tests.conftest import REPO, TINY
 STAGES = tuple(PIPELINE.names())
 # Stages whose output depends only on their inputs: a rerun after a kill must give the same bytes.
 # datatrove's logs/ (timings, dates) are provenance, not output, and are left out.
-DETERMINISTIC = ("ingest", "dedup", "tokenizer", "qa", "index")
+DETERMINISTIC = ("ingest", "dedup", "quality", "tokenizer", "qa", "index")
 TRAINING = ("pretrain", "midtrain", "sft", "dpo", "reader")
 
 

@@ -47,7 +47,7 @@ def moved_aside(store: Path, stage: str) -> list[Path]:
 
 @pytest.mark.slow
 def test_truncated_file_shows_in_plan_and_is_rebuilt_through_the_cli(golden, tmp_path):
-    store = seeded(golden, tmp_path, "ingest", "dedup", "tokenizer")
+    store = seeded(golden, tmp_path, "ingest", "dedup", "quality", "tokenizer")
     damaged = artifact(store, golden, "tokenizer") / "tokenizer" / "tokenizer.json"
     size = damaged.stat().st_size
     os.truncate(damaged, 100)
@@ -77,15 +77,15 @@ def test_changed_upstream_byte_is_caught_by_its_sha256_before_a_build_reads_it(g
     docs.write_bytes(bytes(data))
     assert plan_rows(store)["dedup"]["cached"] is True  # plan checks sizes only (see the policy)
 
-    states = run_until(store, "qa")  # qa reads dedup: its sha256 is checked first
-    assert states == {"ingest": "cached", "dedup": "cached", "qa": "built"}
+    states = run_until(store, "quality")  # quality reads dedup: its sha256 is checked first
+    assert states == {"ingest": "cached", "dedup": "cached", "quality": "built"}
     rel = docs.relative_to(artifact(store, golden, "dedup")).as_posix()
     assert f"is damaged ({rel}: sha256 " in gristmill_log.text and "artifact.json says" in gristmill_log.text
     [aside] = moved_aside(store, "dedup")
     assert (aside / rel).read_bytes() == bytes(data)
     done = finished(store)
     assert payload(done["dedup"]) == payload(golden.records["dedup"])  # rebuilt as it was
-    assert payload(done["qa"]) == payload(golden.records["qa"])
+    assert payload(done["quality"]) == payload(golden.records["quality"])
     assert leftovers(store) == []
 
 

@@ -55,7 +55,7 @@ def nothing_published(store: Path, golden: Golden, stage: str) -> None:
 
 def test_no_space_writing_the_record_publishes_nothing(golden, tmp_path, monkeypatch):
     """ENOSPC at the last write of a publish (the record, after the folder was renamed into place)."""
-    store = seeded(golden, tmp_path, "ingest", "dedup")
+    store = seeded(golden, tmp_path, "ingest", "dedup", "quality")
     write_text = Path.write_text
 
     def full(self, *args, **kwargs):
@@ -77,7 +77,7 @@ def test_no_space_writing_the_record_publishes_nothing(golden, tmp_path, monkeyp
 
 
 def test_no_space_during_a_build_names_the_file(golden, tmp_path, monkeypatch):
-    store = seeded(golden, tmp_path, "ingest", "dedup")
+    store = seeded(golden, tmp_path, "ingest", "dedup", "quality")
     real = Graph.get
 
     def failing_build(cfg, inputs, out, ctx):
@@ -92,7 +92,7 @@ def test_no_space_during_a_build_names_the_file(golden, tmp_path, monkeypatch):
 
 
 def test_read_only_store_mid_run_is_bad_input_naming_the_store(golden, tmp_path, monkeypatch):
-    store = seeded(golden, tmp_path, "ingest", "dedup")
+    store = seeded(golden, tmp_path, "ingest", "dedup", "quality")
     plan = runner.prepare_run(TINY, str(store), until="tokenizer")  # writable when the run started
 
     def read_only(self, stage, fingerprint):
@@ -111,7 +111,7 @@ def test_read_only_store_mid_run_is_bad_input_naming_the_store(golden, tmp_path,
 
 def test_file_size_limit_fails_the_stage_with_the_file_and_a_rerun_completes(golden, tmp_path):
     """RLIMIT_FSIZE 40 kB: tokenizer.json (55 kB, written by the Rust tokenizers library) fails with EFBIG."""
-    store = seeded(golden, tmp_path, "ingest", "dedup")
+    store = seeded(golden, tmp_path, "ingest", "dedup", "quality")
     proc = subprocess.run([sys.executable, "-m", "tests.reliability.killable", str(TINY), str(store), "tokenizer",
                            "--fsize-limit", "40000"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -188,7 +188,7 @@ def in_namespace(mode: str, golden: Golden, tmp_path: Path, *stages: str) -> tup
 @pytest.mark.slow
 @needs_unshare
 def test_full_disk_through_the_cli(golden, tmp_path):
-    out, kept = in_namespace("full", golden, tmp_path, "ingest", "dedup")
+    out, kept = in_namespace("full", golden, tmp_path, "ingest", "dedup", "quality")
     store = tmp_path / "store"
     assert out["full"]["rc"] == 1, out["full"]["stderr"][-3000:]
     message = out["full"]["stderr"].strip().splitlines()[-1]

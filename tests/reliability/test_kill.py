@@ -12,7 +12,7 @@ Most trials run through tests/reliability/killable.py (tasks.core.runner without
 CLI's start-up costs seconds); the `cli` ones run the real `gristmill` command and are
 killed from outside, and their reruns and plans go through the CLI too.
 
-GRISTMILL_KILL_TRIALS (default 21: one round) and GRISTMILL_KILL_SEED (default 8) set the trials; the
+GRISTMILL_KILL_TRIALS (default 23: one round) and GRISTMILL_KILL_SEED (default 8) set the trials; the
 seeds, kill points and outcomes are printed (pytest -s) and written to kill-trials.json in
 the test's temp folder, or to GRISTMILL_KILL_REPORT when set.
 """
@@ -48,7 +48,7 @@ from tests.reliability.conftest import (
 
 pytestmark = pytest.mark.slow
 
-TRIALS = int(os.environ.get("GRISTMILL_KILL_TRIALS", "21"))
+TRIALS = int(os.environ.get("GRISTMILL_KILL_TRIALS", "23"))
 SEED = int(os.environ.get("GRISTMILL_KILL_SEED", "8"))
 # One round of trials, (stage, kill point, how): every stage, the cheap ones more often (a
 # pretrain or sft trial costs a build and a half of a ~30 s stage, an ingest one ~4 s of start-up).
@@ -57,6 +57,7 @@ SEED = int(os.environ.get("GRISTMILL_KILL_SEED", "8"))
 ROUND = (
     ("ingest", "timed", "runner"), ("ingest", "publish", "runner"), ("ingest", "timed", "runner"),
     ("dedup", "timed", "cli"), ("dedup", "publish", "runner"), ("dedup", "timed", "runner"),
+    ("quality", "timed", "runner"), ("quality", "publish", "runner"),
     ("tokenizer", "publish", "runner"), ("tokenizer", "timed", "runner"),
     ("qa", "publish", "runner"), ("qa", "timed", "runner"),
     ("pretrain", "checkpoint", "cli"),
@@ -68,7 +69,8 @@ ROUND = (
 )
 # Later rounds (a soak run) go through killable.py and take each stage's kill points in turn.
 KINDS = {
-    "ingest": ("timed", "publish"), "dedup": ("timed", "publish"), "tokenizer": ("publish", "timed"),
+    "ingest": ("timed", "publish"), "dedup": ("timed", "publish"), "quality": ("timed", "publish"),
+    "tokenizer": ("publish", "timed"),
     "pretrain": ("checkpoint", "checkpoint-save", "timed"), "qa": ("publish", "timed"),
     "midtrain": ("checkpoint-save", "checkpoint", "timed"), "sft": ("checkpoint", "timed"),
     "reader": ("checkpoint", "timed"),

@@ -15,6 +15,7 @@ from tasks.core.keys import Placement, stage_key
 from tasks.core.runner import execute, plan
 from tasks.registry import PIPELINE
 from tests.conftest import TINY, SpecFactory, doc_text, write_jsonl
+from tests.tasks.test_pretrain import tiny_project
 
 
 def fingerprints(factory: SpecFactory, **sections) -> dict[str, str]:
@@ -50,6 +51,7 @@ def test_spec_changes(project, change, ingest_changes, dedup_changes):
 TABLE = {
     "ingest": ({"corpus": {"filters": {"min_chars": 11}}}, {"executor": {"workers": 3}}),
     "dedup": ({"dedup": {"near": {"ngrams": 4}}}, {"executor": {"kind": "ray"}}),
+    "quality": ({"quality": {"filters": [{"name": "c4", "min_num_sentences": 2}]}}, {"executor": {"workers": 2}}),
     "tokenizer": ({"tokenizer": {"vocab_size": 1000}}, {"store": "elsewhere"}),
     "pretrain": ({"pretrain": {"lr": 0.004}}, {"pretrain": {"checkpoint_every": 7}}),
     "qa": ({"qa": {"per_doc": 3}}, {"name": "renamed"}),
@@ -107,7 +109,7 @@ def test_an_edit_to_any_module_a_stage_runs_changes_its_key(stage, tmp_path, mon
 
 
 @pytest.mark.parametrize("stage, library", [
-    ("ingest", "datatrove"), ("dedup", "spacy"), ("tokenizer", "tokenizers"), ("pretrain", "torch"),
+    ("ingest", "datatrove"), ("dedup", "spacy"), ("quality", "spacy"), ("tokenizer", "tokenizers"), ("pretrain", "torch"),
     ("qa", "transformers"), ("midtrain", "torch"), ("sft", "trl"), ("dpo", "peft"), ("index", "faiss-cpu"),
     ("reader", "trl"), ("eval", "scipy"),
 ])
@@ -138,7 +140,7 @@ def test_a_library_version_changes_the_key_and_a_neutral_one_does_not(stage, lib
 def test_the_device_is_keyed_where_it_changes_the_output(tmp_path):
     spec = _tiny(tmp_path, {})
     changes = {s: _key(s, spec, "cpu") != _key(s, spec, "cuda") for s in PIPELINE.names()}
-    assert changes == {"ingest": False, "dedup": False, "tokenizer": False, "pretrain": True, "qa": False,
+    assert changes == {"ingest": False, "dedup": False, "quality": False, "tokenizer": False, "pretrain": True, "qa": False,
                        "midtrain": True, "sft": True, "dpo": True, "index": True, "reader": True, "eval": True}
 
 
@@ -306,6 +308,26 @@ def test_explain_change_names_code_library_and_resolved_changes():
     assert "library version changed: datatrove" in reason
     assert "resolved device changed" in reason
     assert explain_change(None, new) == "never built"
+
+
+def test_a_quality_threshold_rebuilds_quality_and_every_consumer_and_plan_names_it(tmp_path):
+    """The consumers read the quality stage's documents: a threshold change gives quality and every
+    stage reading the corpus a new key; `plan` names the field, then the upstream; ingest and dedup
+    stay cached. Skipping the stage (`quality: null`) moves the consumers onto dedup, and plan says so."""
+    factory = tiny_project(tmp_path, quality={})
+    spec = factory.load(**factory.sections)
+    rows = {r.name: r for r in plan(spec, factory.store)}
+    for name in ("ingest", "dedup", "quality", "tokenizer"):
+        execute(rows[name], spec, factory.store)
+    filters = [{"name": "gopher_repetition"}, {"name": "gopher_quality", "min_doc_words": 25}, {"name": "c4"}]
+    changed = {r.name: r for r in plan(factory.load(**{**factory.sections, "quality": {"filters": filters}}),
+                                       factory.store)}
+    assert changed["ingest"].cached and changed["dedup"].cached
+    assert changed["quality"].reason == "spec field quality.filters.1.min_doc_words changed"
+    assert changed["tokenizer"].reason == "upstream quality changed"
+    assert {n for n in rows if rows[n].fingerprint != changed[n].fingerprint} == set(rows) - {"ingest", "dedup"}
+    skipped = {r.name: r for r in plan(factory.load(**{**factory.sections, "quality": None}), factory.store)}
+    assert "quality" not in skipped and skipped["tokenizer"].reason == "reads dedup instead of quality"
 
 
 def test_force_marks_the_stage_and_its_dependents(project):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data_specs.errors import StageError
-from tasks import dedup, ingest, pretrain, tokenizer
+from data_specs.errors import InputError, StageError
+from tasks import dedup, ingest, pretrain, quality, tokenizer
 from tasks.core.artifacts import Documents, Model
 from tasks.core.graph import Graph, GraphError, Wire
 from tasks.core.runner import execute, plan
@@ -20,12 +20,12 @@ from tests.tasks.core.test_fingerprint import _tiny
 
 
 def test_the_pipeline_reads_as_wired():
-    assert PIPELINE.names() == ["ingest", "dedup", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
+    assert PIPELINE.names() == ["ingest", "dedup", "quality", "tokenizer", "pretrain", "qa", "midtrain", "sft", "dpo",
                                 "index", "reader", "eval"]
     assert PIPELINE.upstream("reader") == {"model": "midtrain", "pairs": "qa", "index": "index"}
     assert PIPELINE.upstream("sft")["model"] == PIPELINE.upstream("reader")["model"]  # the controlled design
-    assert PIPELINE.upstream("sft") == {"model": "midtrain", "pairs": "qa", "documents": "dedup"}
-    assert PIPELINE.needs("qa") == ["dedup"]  # qa needs only the corpus
+    assert PIPELINE.upstream("sft") == {"model": "midtrain", "pairs": "qa", "documents": "quality"}
+    assert PIPELINE.needs("qa") == ["quality"]  # qa needs only the corpus
     assert PIPELINE.ancestors("eval") == set(PIPELINE.names()) - {"eval"}
     assert PIPELINE.gpu_stages() == ["pretrain", "midtrain", "sft", "dpo", "reader", "eval"]
 
@@ -45,25 +45,57 @@ def test_a_wrong_graph_is_refused_when_built(wires, message):
         Graph(*wires)
 
 
-def test_a_stage_inserted_after_dedup_feeds_every_consumer(tmp_path):
+def test_a_stage_inserted_after_quality_feeds_every_consumer(tmp_path):
     """One new module (tests/tasks/core/toy_stage.py) and one line: the consumers of "corpus"
     read the toy stage's documents, and every stage downstream gets a new fingerprint."""
-    graph = PIPELINE.inserted("dedup", Wire(toy_stage.STAGE, documents="corpus", provides="corpus"))
+    graph = PIPELINE.inserted("quality", Wire(toy_stage.STAGE, documents="corpus", provides="corpus"))
     assert graph.upstream("tokenizer") == {"documents": "toy"} and graph.upstream("qa") == {"documents": "toy"}
     spec = _tiny(tmp_path, {})
     store = tmp_path / "store"
     st = ArtifactStore(store)
     before = {r.name: r.fingerprint for r in plan(spec, st)}
     rows = {r.name: r for r in plan(spec, st, graph=graph)}
-    assert {n for n in before if before[n] != rows[n].fingerprint} == set(before) - {"ingest", "dedup"}
+    assert {n for n in before if before[n] != rows[n].fingerprint} == set(before) - {"ingest", "dedup", "quality"}
     results = {}
-    for name in ("ingest", "dedup", "toy", "tokenizer", "qa", "index"):
+    for name in ("ingest", "dedup", "quality", "toy", "tokenizer", "qa", "index"):
         results[name] = execute(rows[name], spec, st, graph=graph)
-    kept = results["dedup"].record.metrics["documents_out"]
+    kept = results["quality"].record.metrics["documents_out"]
     assert results["toy"].record.metrics["documents_out"] == kept - 1
     for consumer in ("tokenizer", "qa", "index"):
         assert results[consumer].record.metrics["documents"] == kept - 1, consumer
     assert rows["tokenizer"].key["upstream"] == {"toy": rows["toy"].fingerprint}
+
+
+def test_quality_null_skips_the_stage_and_its_consumers_read_dedup(tmp_path):
+    """An optional stage whose section is null is left out of the spec's graph: "corpus" is
+    dedup's again, the consumers' keys name dedup, and asking for the stage says why it is not there."""
+    on, off = _tiny(tmp_path, {}), _tiny(tmp_path, {"quality": None})
+    assert PIPELINE.for_spec(on) is PIPELINE
+    graph = PIPELINE.for_spec(off)
+    assert "quality" not in graph.names() and graph.upstream("tokenizer") == {"documents": "dedup"}
+    st = ArtifactStore(tmp_path / "store")
+    rows_on, rows_off = ({r.name: r for r in plan(spec, st)} for spec in (on, off))
+    assert list(rows_off) == [n for n in rows_on if n != "quality"]
+    for consumer in ("tokenizer", "qa", "index", "pretrain", "midtrain", "sft"):
+        assert set(rows_off[consumer].key["upstream"]) <= set(PIPELINE.names()) - {"quality"}, consumer
+        assert rows_off[consumer].fingerprint != rows_on[consumer].fingerprint, consumer
+    assert rows_off["tokenizer"].key["upstream"] == {"dedup": rows_off["dedup"].fingerprint}
+    assert (rows_off["ingest"].fingerprint, rows_off["dedup"].fingerprint) == \
+        (rows_on["ingest"].fingerprint, rows_on["dedup"].fingerprint)
+    with pytest.raises(InputError, match=r"stage 'quality' is skipped: the spec sets `quality: null`"):
+        graph.get("quality")
+
+
+@pytest.mark.parametrize("wires, message", [
+    ((Wire(ingest.STAGE), Wire(dedup.STAGE, documents="ingest", provides="corpus"),
+      Wire(quality.STAGE, documents="corpus")), "must rebind a name a stage above it provides"),
+    ((Wire(ingest.STAGE), Wire(dedup.STAGE, documents="ingest", provides="corpus"),
+      Wire(quality.STAGE, documents="corpus", provides="corpus"), Wire(tokenizer.STAGE, documents="quality")),
+     "skipping optional stage 'quality' breaks the graph: stage 'tokenizer' reads documents from 'quality'"),
+])
+def test_an_optional_stage_must_be_skippable(wires, message):
+    with pytest.raises(GraphError, match=message):
+        Graph(*wires)
 
 
 def test_a_build_that_reads_a_field_outside_its_key_fails(tmp_path):
