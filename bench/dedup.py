@@ -120,17 +120,14 @@ def run_ours(corpus: Path, work: Path, tasks: int) -> Result:
     """plan + execute of ingest and dedup through tasks/runner.py into a fresh store, as
     `gristmill run` does (input fingerprint, lock, temp folder, publish, checksums)."""
     from data_specs.loader import load_spec
-    from tasks.core import fingerprint
     from tasks.core.runner import execute, plan, select
     from tasks.core.store import ArtifactStore
 
     spec_path = work / "spec.yaml"
     spec_path.write_text(SPEC.format(min=MIN_CHARS, max=MAX_CHARS, threshold=THRESHOLD, ngrams=NGRAMS,
                                      language=LANGUAGE, tasks=tasks, corpus=corpus))
-    # A CLI run starts with empty memos: forget the input digests and code hashes of earlier repeats.
-    fingerprint._FILE_DIGESTS.clear()
-    fingerprint.code_digest.cache_clear()
-    fingerprint.lib_versions.cache_clear()
+    # Each plan reads code, input files and library metadata afresh (tasks/core/fingerprint.py:
+    # fresh), as a CLI run does: no memo of an earlier repeat carries over.
     start = time.perf_counter()
     spec = load_spec(spec_path)
     store = ArtifactStore(work / "store")
