@@ -5,7 +5,7 @@ text and the model, never on its batch-mates: batched encoding pads to the longe
 batch, which changes the last bits in fp32 and the fourth decimal in bf16. So a cached vector is
 the vector a cold build would compute, and an index built incrementally (only the changed
 chunks embedded) is byte-identical to one built from scratch. Batches of one cost ~11% against
-batches of 8 on 2 cores, and are faster than the batches of 64 used before (bench/index.py).
+batches of 8 on 2 cores, and are faster than the batches of 64 used before (bench/rag_eval.py, BENCHMARKS.md).
 
 bf16 autocast, where the CPU computes bf16 natively (AVX512-BF16 or AMX): 1.8x fp32 on the demo's
 chunks, cosine to the fp32 vector >= 0.9999. On CUDA texts are batched (GPU kernels are not
@@ -119,7 +119,7 @@ class EmbeddingCache:
                     keys, vectors = data["keys"], data["vectors"]
             except (OSError, ValueError, KeyError):
                 continue
-            found.update(zip((bytes(k) for k in keys), vectors, strict=True))
+            found.update(zip((k.tobytes() for k in keys), vectors, strict=True))
         return found
 
     def save(self, vectors: dict[bytes, np.ndarray]) -> None:
@@ -130,14 +130,15 @@ class EmbeddingCache:
         shards = self._shards()
         merge = len(shards) + 1 > MAX_SHARDS
         if merge:
-            vectors = {**self.load(), **vectors}
+            vectors = {**self._known(), **vectors}
         self._write(vectors)
         if merge:
             for shard in shards:
                 shard.unlink(missing_ok=True)
 
     def _write(self, vectors: dict[bytes, np.ndarray]) -> None:
-        keys = np.frombuffer(b"".join(vectors), dtype="S16")
+        # Raw bytes, not numpy's "S16": that strips trailing NUL bytes, so 1 key in 256 never matched.
+        keys = np.frombuffer(b"".join(vectors), dtype=np.uint8).reshape(-1, 16)
         name = uuid.uuid4().hex
         tmp = self.folder / f".{name}.tmp.npz"
         np.savez(tmp, keys=keys, vectors=np.stack(list(vectors.values())))

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.embedding import MAX_SHARDS, Embedder, EmbeddingCache, EmbeddingSettings
+from eval.embedding import MAX_SHARDS, Embedder, EmbeddingCache, EmbeddingSettings, text_key
 from tasks.core.artifacts import Index
 from tasks.core.runner import execute, plan
 from tests.conftest import doc_text, write_jsonl
@@ -53,6 +53,13 @@ def test_shards_merge_and_broken_ones_are_ignored(minilm, tmp_path):
     (tmp_path / ".half.tmp.npz").write_bytes(b"PK")  # a killed writer's leftover: not a shard
     cache = EmbeddingCache(tmp_path)
     assert len(cache.load()) == MAX_SHARDS + 2 and cache.missing(["text number 3", "new"]) == ["new"]
+
+
+def test_a_key_ending_in_a_nul_byte_is_found_again(minilm, tmp_path):
+    text = next(f"text {i}" for i in range(10_000) if text_key(f"text {i}").endswith(b"\0"))
+    embedder = Embedder(minilm.model, EmbeddingSettings())
+    EmbeddingCache(tmp_path).embed(embedder, [text])
+    assert EmbeddingCache(tmp_path).missing([text]) == []
 
 
 def test_settings_per_device():
