@@ -56,8 +56,11 @@ class Embedder:
     def __init__(self, model, settings: EmbeddingSettings):
         self.model, self.settings = model, settings
 
-    def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None) -> np.ndarray:
-        """One row per text; `on_done(n)` after each piece of work (for progress)."""
+    def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None,
+               batch_size: int | None = None) -> np.ndarray:
+        """One row per text; `on_done(n)` after each piece of work (for progress). `batch_size`
+        overrides the settings' for vectors that are never cached (their bits may then depend
+        on their batch-mates, deterministically for the same texts in the same order)."""
         import torch
 
         texts = list(texts)
@@ -67,12 +70,13 @@ class Embedder:
         device = str(self.model.device).split(":")[0]
         autocast = (torch.autocast(device, dtype=torch.bfloat16) if self.settings.precision == "bf16"
                     else nullcontext())
-        step = max(self.settings.batch_size, 64)  # calls of this many texts, for progress
+        batch = batch_size or self.settings.batch_size
+        step = max(batch, 64)  # calls of this many texts, for progress
         rows = []
         with autocast:
             for first in range(0, len(texts), step):
                 piece = texts[first:first + step]
-                rows.append(self.model.encode(piece, batch_size=self.settings.batch_size, normalize_embeddings=True,
+                rows.append(self.model.encode(piece, batch_size=batch, normalize_embeddings=True,
                                               convert_to_numpy=True, show_progress_bar=False).astype(np.float32))
                 if on_done is not None:
                     on_done(first + len(piece))

@@ -46,6 +46,8 @@ from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.evaluation import generators, lineage
 from tasks.train.loading import load_embedder
 
+SENTENCE_BATCH = 32  # texts per encoder call for the extractive arm's sentences (never cached)
+
 
 @dataclass(frozen=True)
 class EvalInputs:
@@ -148,10 +150,12 @@ def run_arms(cfg: EvalSpec, qs: list[EvalQuestion], idx: LoadedIndex, found: Ret
 
 def retrieved_sentences(idx: LoadedIndex, found: Retrieval, k: int) -> SentenceIndex:
     """Sentence vectors of the chunks retrieved for these questions only, each distinct sentence
-    embedded once (an index built with `index.sentences` has them all already)."""
+    embedded once (an index built with `index.sentences` has them all already). They are never
+    cached, so they are encoded in batches: sentences are short, and one at a time the model's
+    per-call overhead dominates (the demo's ~11,000 sentences: 112 s alone, BENCHMARKS.md)."""
     used = {c for ids in found.ids for c in ids[:k]}
     texts = [c.text if c.id in used else "" for c in idx.chunks]  # "" holds no sentence: not embedded
-    return build_sentence_index(texts, idx.embedder.encode)
+    return build_sentence_index(texts, lambda batch: idx.embedder.encode(batch, batch_size=SENTENCE_BATCH))
 
 
 def seen_source(qs: list[EvalQuestion], found: Retrieval, chunks: list[Chunk],
