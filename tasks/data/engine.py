@@ -74,9 +74,8 @@ def _executor(pipeline: Sequence[PipelineStep], logs: Path, executor: ExecutorSp
         _start_ray()
         return RayPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=executor.workers,
                                    logging_dir=str(logs), skip_completed=True)
-    # SlurmPipelineExecutor submits sbatch jobs and returns at once; a stage must wait for
-    # its output, which needs a job-completion watcher this tree does not have yet.
-    raise InputError("executor.kind 'slurm' is not supported yet: use 'local' or 'ray'")
+    # ExecutorSpec.kind admits only the two above (its validator says why slurm is refused).
+    raise ValueError(f"no datatrove executor for executor.kind {executor.kind!r}")
 
 
 def _start_ray() -> None:
