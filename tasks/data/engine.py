@@ -2,12 +2,18 @@
 
 Every executor's logging folder lives in the stage's per-fingerprint work folder, so a
 killed stage resumes with datatrove's own completion markers and a changed spec never
-mixes with a stale folder. The executor kind (local / slurm / ray) never enters a key: the
-same `tasks` give the same shards and the same output files on every executor
+mixes with a stale folder. The executor kind (local / ray) never enters a key: the same
+`tasks` give the same shards and the same output files on every executor
 (tests/tasks/data/test_engine_ray.py checks ray against local).
 
-Ray: the work folder must be visible to every Ray worker, so a multi-machine cluster needs
-the store's work folders on a shared filesystem; on one machine any folder works.
+Ray: to run on an existing cluster, start Ray on its machines (`ray start --head` on one,
+`ray start --address=<head>:<port>` on the others) and set RAY_ADDRESS=<head>:<port> where
+gristmill runs; `_start_ray` joins whatever cluster `ray.init()` finds that way. Every node
+needs the same gristmill, datatrove and Python packages installed (Ray unpickles gristmill's
+pipeline steps there), and the store's work folders on a filesystem every node sees (datatrove
+writes each rank's output, logs and completion marker from the node that ran it); on one
+machine any folder works. tests/tasks/data/test_engine_ray_cluster.py runs a stage on a
+two-node cluster started this way.
 """
 
 from __future__ import annotations

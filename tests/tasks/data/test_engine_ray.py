@@ -38,9 +38,9 @@ def corpus(root: Path) -> SpecFactory:
     return SpecFactory(root)
 
 
-def build_data_stages(factory: SpecFactory, kind: str, workers: int) -> dict[str, tuple[str, dict, dict]]:
-    """stage -> (fingerprint, {payload file: sha256}, metrics) for ingest and dedup."""
-    spec = factory.load(executor={"kind": kind, "tasks": 2, "workers": workers})
+def build_data_stages(factory: SpecFactory, kind: str, workers: int, **sections) -> dict[str, tuple[str, dict, dict]]:
+    """stage -> (fingerprint, {payload file: sha256}, metrics) for ingest and dedup (spec `sections` added)."""
+    spec = factory.load(executor={"kind": kind, "tasks": 2, "workers": workers}, **sections)
     out = {}
     for row in plan(spec, factory.store):
         if row.name in ("ingest", "dedup"):
