@@ -8,7 +8,8 @@ mixes with a stale folder. The executor kind (local / ray) never enters a key: t
 
 Ray: to run on an existing cluster, start Ray on its machines (`ray start --head` on one,
 `ray start --address=<head>:<port>` on the others) and set RAY_ADDRESS=<head>:<port> where
-gristmill runs; `_start_ray` joins whatever cluster `ray.init()` finds that way. Every node
+gristmill runs (with Ray's token auth, RAY_AUTH_MODE=token and the token there too; see the
+README); `_start_ray` joins whatever cluster `ray.init()` finds that way. Every node
 needs the same gristmill, datatrove and Python packages installed (Ray unpickles gristmill's
 pipeline steps there), and the store's work folders on a filesystem every node sees (datatrove
 writes each rank's output, logs and completion marker from the node that ran it); on one

@@ -21,9 +21,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module (starting one costs seconds), shut down after."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # Else Ray 2.60's ray.init() turns token auth on for this process (RAY_AUTH_MODE, kept after
+        # shutdown) and writes ~/.ray/auth_token, which makes any later `ray start --head` on this
+        # machine demand a token its worker nodes lack (test_engine_ray_cluster.py met it).
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 def corpus(root: Path) -> SpecFactory:

@@ -138,9 +138,12 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     # TMPDIR: datatrove's Ray workers stage task logs in $TMPDIR/ray_logs, a fixed name that other
     # Ray runs on this machine write too; here it goes with the cluster's folder.
     (root / "tmp").mkdir()
+    # RAY_AUTH_MODE set, not left to Ray: a head turns token auth on by itself when ~/.ray/auth_token
+    # exists (any earlier local ray.init() writes it), and a joining node does not, so it is refused.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(root / "tmp")}
+           "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(root / "tmp"), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the driver, as the nodes
     nodes: list[Node] = []
     try:
         port = free_port()
