@@ -750,15 +750,27 @@ class ResourcesSpec(Section):
 # ---------------------------------------------------------------- execution
 
 
+SLURM_REFUSED = ("slurm is not supported: datatrove's Slurm executor submits sbatch jobs and returns before they "
+                 "finish, and a stage must wait for its output, which needs a job watcher gristmill does not have. "
+                 "Use 'ray' on a cluster (`ray start` on the nodes, RAY_ADDRESS pointing at the head) or 'local'")
+
+
 class ExecutorSpec(Section):
     """How datatrove runs the data stages. Only `tasks` changes the output (how files are sharded)."""
 
-    # Slurm is not offered: datatrove's SlurmPipelineExecutor submits jobs and returns at once, and a
-    # stage must wait for its output, which needs a job-completion watcher gristmill does not have.
     kind: Literal["local", "ray"] = runtime("local", description="datatrove executor: local processes or a "
                                             "Ray cluster (slurm is not supported).")
     tasks: int = Field(1, ge=1, description="Shards the data stages split their input into.")
-    workers: int = runtime(1, ge=1, description="Shards processed at once on this machine (local executor).")
+    workers: int = runtime(1, ge=1, description="Shards processed at once: processes on this machine (local) or "
+                           "Ray tasks in flight on the cluster (ray).")
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _offered(cls, value: Any) -> Any:
+        # Without this a user who asks for slurm reads only "Input should be 'local' or 'ray'".
+        if value == "slurm":
+            raise ValueError(SLURM_REFUSED)
+        return value
 
 
 class RunSpec(Section):

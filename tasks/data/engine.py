@@ -2,12 +2,19 @@
 
 Every executor's logging folder lives in the stage's per-fingerprint work folder, so a
 killed stage resumes with datatrove's own completion markers and a changed spec never
-mixes with a stale folder. The executor kind (local / slurm / ray) never enters a key: the
-same `tasks` give the same shards and the same output files on every executor
+mixes with a stale folder. The executor kind (local / ray) never enters a key: the same
+`tasks` give the same shards and the same output files on every executor
 (tests/tasks/data/test_engine_ray.py checks ray against local).
 
-Ray: the work folder must be visible to every Ray worker, so a multi-machine cluster needs
-the store's work folders on a shared filesystem; on one machine any folder works.
+Ray: to run on an existing cluster, start Ray on its machines (`ray start --head` on one,
+`ray start --address=<head>:<port>` on the others) and set RAY_ADDRESS=<head>:<port> where
+gristmill runs (with Ray's token auth, RAY_AUTH_MODE=token and the token there too; see the
+README); `_start_ray` joins whatever cluster `ray.init()` finds that way. Every node
+needs the same gristmill, datatrove and Python packages installed (Ray unpickles gristmill's
+pipeline steps there), and the store's work folders on a filesystem every node sees (datatrove
+writes each rank's output, logs and completion marker from the node that ran it); on one
+machine any folder works. tests/tasks/data/test_engine_ray_cluster.py runs a stage on a
+two-node cluster started this way.
 """
 
 from __future__ import annotations
@@ -74,9 +81,8 @@ def _executor(pipeline: Sequence[PipelineStep], logs: Path, executor: ExecutorSp
         _start_ray()
         return RayPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=executor.workers,
                                    logging_dir=str(logs), skip_completed=True)
-    # SlurmPipelineExecutor submits sbatch jobs and returns at once; a stage must wait for
-    # its output, which needs a job-completion watcher this tree does not have yet.
-    raise InputError("executor.kind 'slurm' is not supported yet: use 'local' or 'ray'")
+    # ExecutorSpec.kind admits only the two above (its validator says why slurm is refused).
+    raise ValueError(f"no datatrove executor for executor.kind {executor.kind!r}")
 
 
 def _start_ray() -> None:

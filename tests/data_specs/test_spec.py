@@ -1,5 +1,7 @@
 """The spec loader: valid specs load, bad ones are InputErrors naming the file and field."""
 
+import contextlib
+import io
 
 import pytest
 
@@ -39,6 +41,7 @@ def test_relative_paths_are_relative_to_the_spec_file(project):
         ({"corpus": {"sources": [{"kind": "python_docs"}], "filters": {"min_chars": 10, "max_chars": 5}}},
          "corpus.filters"),
         ({"executor": {"tasks": 0}}, "executor.tasks"),
+        ({"executor": {"kind": "k8s"}}, "executor.kind"),
         ({"name": "has space"}, "name"),
     ],
 )
@@ -48,6 +51,30 @@ def test_invalid_specs_name_file_and_field(project, sections, field):
         load_spec(path)
     assert str(path) in str(e.value)
     assert field in str(e.value)
+
+
+def test_slurm_is_refused_saying_why_and_what_to_use_instead(project):
+    path = project.write(executor={"kind": "slurm", "tasks": 4})
+    with pytest.raises(InputError) as e:
+        load_spec(path)
+    # Pydantic alone says "Input should be 'local' or 'ray'": true, and no help to a Slurm user.
+    assert str(e.value) == (f"{path}: invalid spec\n  executor.kind: Value error, slurm is not supported: "
+                            "datatrove's Slurm executor submits sbatch jobs and returns before they finish, and a "
+                            "stage must wait for its output, which needs a job watcher gristmill does not have. Use "
+                            "'ray' on a cluster (`ray start` on the nodes, RAY_ADDRESS pointing at the head) or 'local'")
+
+
+@pytest.mark.slow  # imports the CLI, and with it Prefect: ~5 s alone, more on busy cores
+def test_slurm_is_exit_2_through_the_cli_naming_the_field(project):
+    from flows.cli import main
+
+    path = project.write(executor={"kind": "slurm"})
+    err = io.StringIO()  # never closed: gristmill's log handler may keep the first stream it sees
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["plan", str(path), "--store", str(project.root / "store")])
+    assert code == 2, err.getvalue()
+    assert f"{path}: invalid spec\n  executor.kind: Value error, slurm is not supported" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
 
 
 def test_missing_corpus_is_named(tmp_path):

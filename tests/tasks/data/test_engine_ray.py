@@ -21,9 +21,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module (starting one costs seconds), shut down after."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # Else Ray 2.60's ray.init() turns token auth on for this process (RAY_AUTH_MODE, kept after
+        # shutdown) and writes ~/.ray/auth_token, which makes any later `ray start --head` on this
+        # machine demand a token its worker nodes lack (test_engine_ray_cluster.py met it).
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 def corpus(root: Path) -> SpecFactory:
@@ -38,9 +43,9 @@ def corpus(root: Path) -> SpecFactory:
     return SpecFactory(root)
 
 
-def build_data_stages(factory: SpecFactory, kind: str, workers: int) -> dict[str, tuple[str, dict, dict]]:
-    """stage -> (fingerprint, {payload file: sha256}, metrics) for ingest and dedup."""
-    spec = factory.load(executor={"kind": kind, "tasks": 2, "workers": workers})
+def build_data_stages(factory: SpecFactory, kind: str, workers: int, **sections) -> dict[str, tuple[str, dict, dict]]:
+    """stage -> (fingerprint, {payload file: sha256}, metrics) for ingest and dedup (spec `sections` added)."""
+    spec = factory.load(executor={"kind": kind, "tasks": 2, "workers": workers}, **sections)
     out = {}
     for row in plan(spec, factory.store):
         if row.name in ("ingest", "dedup"):
