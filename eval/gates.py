@@ -11,7 +11,8 @@ in its Gates table and run.json, and a failed gate fails the run (exit 3) with e
 
 Choices, stated in every result's message:
 - A value equal to its bound passes. Bounds are compared with an absolute tolerance of
-  TOLERANCE, so 0.30 - 0.28 counts as a drop of 0.02 (in floating point it is 0.020000000000000018).
+  TOLERANCE, so 0.50 -> 0.48 counts as a drop of 0.02 (in floating point it is 0.020000000000000018)
+  and a mean of 0.1 + 0.2 (0.30000000000000004) meets `max: 0.3`.
 - A figure this eval does not have, or has as null/NaN (an arm that answered no question: `gold`
   without known source passages), FAILS its gate: a gate must never pass on a number that is not
   there.

@@ -39,7 +39,9 @@ BOUNDARIES = [
     (RECALL_MIN, summary(recall5=0.9), None, True),
     (RECALL_MIN, summary(recall5=0.8999), None, False),
     ({"metric": "retrieval_lenient.recall@5", "min": 0.96}, summary(), None, False),  # lenient is 0.95
-    (F1_DROP, summary(f1=0.28), summary(f1=0.30), True),  # a drop of exactly 0.02 (0.0200...18 in floats)
+    (F1_DROP, summary(f1=0.48), summary(f1=0.50), True),  # a drop of exactly 0.02 (0.0200...18 in floats)
+    (F1_DROP, summary(f1=0.28), summary(f1=0.30), True),  # (0.0199...62 in floats)
+    ({"arm": "finetuned", "metric": "f1", "max": 0.3}, summary(f1=0.1 + 0.2), None, True),  # 0.30000000000000004
     (F1_DROP, summary(f1=0.2799), summary(f1=0.30), False),
     (F1_DROP, summary(f1=0.45), summary(f1=0.30), True),  # a rise
     (F1_DROP, summary(f1=0.30), summary(f1=0.30), True),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.registry import PIPELINE
-from tests.conftest import REPO, TINY, finetuned_f1, tiny_copy
+from tests.conftest import REPO, TINY, TINY_STORE_TIMEOUT_S, finetuned_f1, tiny_copy
 
 GRISTMILL = [sys.executable, "-m", "flows.cli"]
 pytestmark = pytest.mark.slow
@@ -209,6 +209,7 @@ def done_states(stdout: str) -> dict[str, str]:
     return {r[0]: r[1] for r in rows if len(r) == 3 and r[0] in PIPELINE.names()}
 
 
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_a_failed_gate_is_exit_3_and_keeps_every_artifact(tiny_store, tmp_path):
     """On a finished store (no Prefect server: the CLI's all-cached path, as a rerun takes it): a gate
     just above the real F1 fails the run with exit 3, naming gate, value and threshold; no artifact

@@ -13,7 +13,7 @@ from data_specs.errors import GateFailed, InputError, StageError, TransientError
 from flows.pipeline import gristmill_pipeline, gristmill_stage
 from tasks.core.runner import plan
 from tasks.registry import PIPELINE
-from tests.conftest import SpecFactory, finetuned_f1, tiny_copy
+from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, finetuned_f1, tiny_copy
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,7 @@ def test_deleted_artifact_is_rebuilt_even_if_prefect_remembers_it(harness, proje
 
 # ---------------------------------------------------------------- regression gates
 
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_a_failed_gate_fails_the_flow_run_after_every_stage_and_the_report(harness, tiny_store, tmp_path):
     """The state an automation reacts to: Failed, its message naming the gate, value and threshold,
     with every stage Cached and the report task Completed (the report written)."""

@@ -15,8 +15,10 @@ from tasks.core.artifacts import Report
 from tasks.core.files import checksum_tree
 from tasks.core.store import RECORD, ArtifactStore
 from tasks.run_report import publish_run_report
+from tests.conftest import TINY_STORE_TIMEOUT_S
 
-pytestmark = pytest.mark.slow  # the tiny store is built once per session (tests/conftest.py)
+# The finished tiny store is built once per session (tests/conftest.py), maybe by the first test here.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TINY_STORE_TIMEOUT_S)]
 
 
 @pytest.fixture
