@@ -6,8 +6,9 @@ file. Every field is one of three kinds for the cache key (data_specs/views.py):
 
 - keyed (a plain `Field`): its value enters the key of the stage that reads it;
 - `content_keyed()`: a path; the content of what it names enters the key, never the path;
-- `runtime()`: provably output-neutral (checkpoint cadence, worker counts, store location),
-  left out of the key; a stage's build reads it only through `ctx.runtime`.
+- `runtime()`: provably output-neutral (checkpoint cadence, worker counts, store location,
+  the eval gates that judge a finished run), left out of the key; a stage's build reads it only
+  through `ctx.runtime`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Linux PATH_MAX and NAME_MAX, in bytes: a longer path fails in the OS, not with a clear message.
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
@@ -587,6 +597,72 @@ class IndexSpec(Section):
         return self
 
 
+# ---------------------------------------------------------------- eval gates
+#
+# What a gate may name is exactly what the eval summary holds (tests/eval/test_gates.py checks both
+# lists against eval/scoring.py and eval/hits.py): every numeric figure eval gives an arm, and the
+# strict or lenient retrieval recall at the depths eval measures (1, 5, eval.k, and `seen`: the
+# passages the rag generator's prompt kept).
+GATE_ARM_METRICS = ("n", "not_applicable", "em", "f1", "rouge_l", "contains", "empty_rate", "unfinished_rate",
+                    "repetitive_rate", "passages_kept", "passages_dropped", "first_passage_cut", "latency_p50_s",
+                    "latency_p95_s", "generated_tokens")
+GATE_RECALL = re.compile(r"(retrieval|retrieval_lenient)\.recall@([1-9][0-9]*|seen)")
+Bound = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class GateSpec(Section):
+    """A regression gate: one eval figure against a bound, checked after eval by the run's report
+    (eval/gates.py). Exactly one of min, max, max_drop_vs_previous; an equal value passes."""
+
+    arm: ArmName | None = Field(None, description="The arm whose figure is gated (one of eval.arms); left out for a "
+                                "retrieval figure.")
+    metric: str = Field(description="With `arm`: one of the arm's figures (em, f1, rouge_l, contains, empty_rate, "
+                        "unfinished_rate, repetitive_rate: shares 0..1; latency_p50_s, latency_p95_s: seconds; "
+                        "generated_tokens; n, not_applicable: questions; passages_kept, passages_dropped, "
+                        "first_passage_cut). Without: retrieval.recall@N (strict) or retrieval_lenient.recall@N, "
+                        "N being 1, 5, eval.k or seen (shares 0..1).")
+    min: Bound | None = Field(None, description="Fails when the value is below this (in the metric's unit).")
+    max: Bound | None = Field(None, description="Fails when the value is above this (in the metric's unit).")
+    max_drop_vs_previous: Bound | None = Field(
+        None, ge=0, description="Fails when the value fell by more than this (absolute, in the metric's unit) since "
+        "the previous eval of this run name. With no previous eval (a first run) it passes, saying so.")
+
+    @field_validator("metric")
+    @classmethod
+    def _a_figure_eval_gives(cls, metric: str, info: ValidationInfo) -> str:
+        if "arm" not in info.data:
+            return metric  # the arm itself is invalid: that is the error to report
+        recall = GATE_RECALL.fullmatch(metric)
+        if info.data["arm"] is None and not recall:
+            hint = "; name its arm (arm: finetuned)" if metric in GATE_ARM_METRICS else ""
+            raise ValueError(f"{metric!r} is not a retrieval figure (retrieval.recall@N or "
+                             f"retrieval_lenient.recall@N){hint}")
+        if info.data["arm"] is not None and metric not in GATE_ARM_METRICS:
+            hint = "; a retrieval figure takes no arm" if recall else ""
+            raise ValueError(f"{metric!r} is not a figure of an arm (one of: {', '.join(GATE_ARM_METRICS)}){hint}")
+        return metric
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GateSpec:
+        bounds = [b for b in ("min", "max", "max_drop_vs_previous") if getattr(self, b) is not None]
+        if len(bounds) != 1:
+            raise ValueError(f"a gate has exactly one of min, max, max_drop_vs_previous (this one: "
+                             f"{', '.join(bounds) or 'none'})")
+        return self
+
+    def figure(self) -> tuple[str, ...]:
+        """Where the gated value is in the eval summary (summary.json), key by key."""
+        if self.arm is not None:
+            return ("arms", self.arm, self.metric)
+        kind, depth = GATE_RECALL.fullmatch(self.metric).groups()  # type: ignore[union-attr]  # validated
+        return ("retrieval", "strict" if kind == "retrieval" else "lenient", f"recall@{depth}")
+
+    def recall_depth(self) -> str | None:
+        """The N of a recall@N gate ("seen" or digits); None for an arm's figure."""
+        recall = GATE_RECALL.fullmatch(self.metric) if self.arm is None else None
+        return recall.group(2) if recall else None
+
+
 class EvalSpec(Section):
     """The comparison: the same questions, prompt, decoding and scorer for every arm."""
 
@@ -614,6 +690,22 @@ class EvalSpec(Section):
     seed: int = Field(0, description="Seed of the bootstrap.")
     batch_size: int = Field(16, ge=1, description="Questions generated at once (keyed: left padding can change "
                             "greedy outputs).")
+    gates: tuple[GateSpec, ...] = runtime((), description="Regression gates checked on the finished eval by the "
+                                          "run's report: a failed one fails the run (exit 3) with every artifact "
+                                          "kept. A runtime field: changing a gate rebuilds nothing.")
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_name_what_eval_measures(cls, gates: tuple[GateSpec, ...], info: ValidationInfo) -> tuple[GateSpec, ...]:
+        arms, k = info.data.get("arms"), info.data.get("k")  # absent when they are invalid themselves
+        for i, gate in enumerate(gates):
+            if arms is not None and gate.arm is not None and gate.arm not in arms:
+                raise ValueError(f"gates.{i}.arm: {gate.arm!r} is not evaluated (eval.arms: {', '.join(arms)})")
+            depth = gate.recall_depth()
+            if k is not None and depth not in (None, "seen") and int(depth) not in (1, 5, k):
+                raise ValueError(f"gates.{i}.metric: eval measures recall at 1, 5, {k} (eval.k) and seen, "
+                                 f"not at {depth}")
+        return gates
 
     def cache_view(self) -> dict[str, Any]:
         """A model folder named by `rag_generator` enters the key by its content, not its path."""

@@ -2,12 +2,12 @@
 
 Everything in it comes from one summary dict the eval stage builds (its keys are documented in
 tasks/evaluate.py), so the Markdown, the HTML and the Prefect artifacts can never disagree.
-Sections, in the order a reviewer reads them: the verdict; what was compared (each arm's
-model, training data and context); the 2x2 of generator x retrieval with the references
-beside it; the comparisons as data; the split by whether retrieval found the source; every
-arm's scores and failure rates; retrieval; leakage; training; stages; lineage with the data card
-(the quality stage's: documents per stage and source, what each filter removed and why, lengths,
-PII); disagreements.
+Sections, in the order a reviewer reads them: the verdict; a run's regression gates (its own
+report only); what was compared (each arm's model, training data and context); the 2x2 of
+generator x retrieval with the references beside it; the comparisons as data; the split by
+whether retrieval found the source; every arm's scores and failure rates; retrieval; leakage;
+training; stages; lineage with the data card (the quality stage's: documents per stage and
+source, what each filter removed and why, lengths, PII); disagreements.
 """
 
 from __future__ import annotations
@@ -208,11 +208,27 @@ def _change(summary: dict[str, Any], run: dict[str, Any]) -> list[str]:
     return out
 
 
+def _gates(run: dict[str, Any]) -> list[str]:
+    """The run's regression gates (eval/gates.py results, as run.json holds them), failed or not."""
+    gates = run.get("gates") or []
+    if not gates:
+        return []
+    failed = sum(not g["passed"] for g in gates)
+    out = ["## Gates", "", f"{len(gates) - failed} of {len(gates)} passed" + (f"; {failed} failed, so the run "
+           "failed (exit code 3)." if failed else "."), ""]
+    out += _table(["gate", "result", "value", "threshold", "why"],
+                  [[g["gate"], "pass" if g["passed"] else "**FAIL**", g["value"], g["threshold"], g["message"]]
+                   for g in gates])
+    return out + [""]
+
+
 def markdown(summary: dict[str, Any], images: dict[str, str], run: dict[str, Any] | None = None) -> str:
     """The report as Markdown; `images` maps an image name to its link target. `run` (a run's own
-    report: its name and the previous eval of that name) adds the title and the change table."""
+    report: its name, the previous eval of that name and its gates) adds the title, the gates
+    table and the change table."""
     title = f"gristmill report: {run['name']}" if run else "gristmill report"
     out = [f"# {title}", "", f"**Verdict:** {summary['verdict']}", ""]
+    out += _gates(run) if run else []
     out += _design(summary) + _two_by_two(summary) + _comparisons(summary) + _by_retrieval(summary)
     out += _arms(summary, images) + _retrieval(summary) + _leakage(summary) + _provenance(summary, images)
     out += _change(summary, run) if run else []

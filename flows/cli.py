@@ -7,7 +7,9 @@
     gristmill eval SPEC --questions FILE [--store DIR_OR_URL] [--trust-remote-code]
 
 Exit codes: 0 success; 2 bad input (spec, files, stage names), with a message naming the file,
-field or line; 1 a stage failed.
+field or line; 1 a stage failed; 3 a regression gate failed (`eval.gates`, checked after eval by
+`run` and `eval`): every stage finished and the report is written, and the message names each
+failed gate, its value and its threshold.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_specs.errors import InputError, StageError
+from data_specs.errors import GateFailed, InputError, StageError
 from data_specs.loader import load_spec
 from eval.questions import load_questions
 from tasks.core.keys import Placement, local_device
@@ -37,7 +39,7 @@ from tasks.core.runner import (
 )
 from tasks.run_report import publish_run_report, run_report_location
 
-EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 log = logging.getLogger("gristmill")
 
 
@@ -102,15 +104,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                       trust_remote_code=args.trust_remote_code, placement=_placement(args))
     print(f"run {run.spec.name} ({args.spec}), store {run.store.url}")
     _print_plan(run.stages)
-    results = _all_cached(run) if _without_prefect_server() else None
-    if results is None:
-        from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
+    try:
+        results = _all_cached(run) if _without_prefect_server() else None
+        if results is None:
+            from flows.pipeline import gristmill_pipeline  # Prefect is imported only when something runs
 
-        _start_prefect_server()
-        state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
-                                   gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
-                                   gpu_device=args.gpu_device, return_state=True)
-        results = state.result()  # raises the InputError or stage failure that ended the run
+            _start_prefect_server()
+            state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
+                                       gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
+                                       gpu_device=args.gpu_device, return_state=True)
+            results = state.result()  # raises the InputError, stage failure or GateFailed that ended the run
+    except GateFailed:
+        print(_report_paths(run.store, run.spec.name))  # every stage finished: the report shows the gates
+        raise
     print("done:")
     width = max(len(r.name) for r in results)
     for r in results:
@@ -136,7 +142,10 @@ def _all_cached(run: RunPlan) -> list[StageResult] | None:
     if results is not None:
         log.info("every stage is cached; Prefect's temporary server not started")
         if any(r.name == "eval" for r in results):
-            publish_run_report(run.store, run.spec.name, next(r for r in results if r.name == "eval").fingerprint)
+            fingerprint = next(r for r in results if r.name == "eval").fingerprint
+            failure = publish_run_report(run.store, run.spec.name, fingerprint, run.spec.eval.gates).failure
+            if failure is not None:
+                raise failure  # as the flow would fail: exit 3
     return results
 
 
@@ -154,8 +163,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not row.cached:
         raise InputError(f"no report for {args.spec} in {store.url} yet ({row.reason}); run `gristmill run {args.spec}`")
     if run_report_location(store, spec.name) is None:  # built by another run name, or before run reports
-        try:
-            publish_run_report(store, spec.name, row.fingerprint)
+        try:  # with its gates in the table; `report` only says where it is, so a failed gate is not exit 3 here
+            publish_run_report(store, spec.name, row.fingerprint, spec.eval.gates)
         except OSError:  # a read-only store: the eval artifact's own report (without the run's name)
             print(f"report: {row.path}/report.html\n        {row.path}/report.md")
             return EXIT_OK
@@ -177,7 +186,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _start_prefect_server()
     state = gristmill_pipeline(args.spec, args.store, only="eval", override=override,
                                trust_remote_code=args.trust_remote_code, return_state=True)
-    results = state.result()
+    try:
+        results = state.result()
+    except GateFailed:
+        print(_report_paths(run.store, run.spec.name))
+        raise
     print(f"done: eval {results[0].state} {results[0].path}")
     print(_report_paths(run.store, run.spec.name))
     return EXIT_OK
@@ -201,7 +214,10 @@ def gpu_device_flag(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gristmill", description="From a team's documents to a trained model "
-                                     "and a RAG-vs-fine-tune verdict. Stages: " + ", ".join(pipeline().names()))
+                                     "and a RAG-vs-fine-tune verdict. Stages: " + ", ".join(pipeline().names()),
+                                     epilog="exit codes: 0 success; 1 a stage failed; 2 bad input (spec, files, "
+                                     "stage names); 3 a regression gate (eval.gates) failed after every stage "
+                                     "finished and the report was written")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -211,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                        help="rebuild these stages (and the stages that read them) even if cached")
 
-    run = sub.add_parser("run", help="run the pipeline; prints each stage's state and artifact path")
+    run = sub.add_parser("run", help="run the pipeline; prints each stage's state and artifact path; exit 3 "
+                         "when a regression gate (eval.gates) fails")
     common(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs what it needs)")
     run.add_argument("--only", metavar="STAGE", help="run just this stage on cached upstream artifacts")
@@ -237,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--store", metavar="DIR_OR_URL", help="artifact store (default as for run)")
     rep.set_defaults(func=cmd_report)
 
-    ev = sub.add_parser("eval", help="score the existing models on a question file, without retraining")
+    ev = sub.add_parser("eval", help="score the existing models on a question file, without retraining; exit 3 "
+                        "when a regression gate (eval.gates) fails")
     ev.add_argument("spec", help="run spec (YAML) whose models to score")
     ev.add_argument("--questions", required=True, metavar="FILE",
                     help="JSONL: question, answers (list) or answer (string), optional doc_id")
@@ -271,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StageError as e:
         print(f"gristmill: {e}", file=sys.stderr)
         return EXIT_STAGE_FAILED
+    except GateFailed as e:
+        print(f"gristmill: {e}; every artifact is kept (a rerun finds them cached)", file=sys.stderr)
+        return EXIT_GATE_FAILED
     except KeyboardInterrupt:
         print("gristmill: interrupted; completed stages are kept and reused on the next run", file=sys.stderr)
         return 130

@@ -10,6 +10,10 @@ between workers, and no pickle in a shared bucket is ever loaded.
 cached (the stages marked `gpu` in tasks/registry.py) as a flow run of that deployment, waiting for it. Both flows
 use one artifact store, passed explicitly, so a stage built on the GPU pool shows as Cached in
 the next nightly run wherever it runs.
+
+After eval, the run's report checks `eval.gates`; a failed gate ends the pipeline's flow run
+Failed (its message names each failed gate, its value and threshold), after every artifact and
+the report are published, so an automation on the Failed state can tell the team.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ from prefect.states import Completed, Failed, State
 from prefect.tasks import Task, exponential_backoff
 
 from data_specs.errors import InputError, StageError, TransientError
-from data_specs.schema import RunSpec
+from data_specs.schema import GateSpec, RunSpec
 from tasks.core.keys import Placement, local_device
 from tasks.core.runner import PlannedStage, RunPlan, StageResult, execute, gpu_count, pipeline, prepare_run
 from tasks.core.store import ArtifactStore
-from tasks.run_report import publish_run_report
+from tasks.run_report import RunReport, publish_run_report
 
 # A stage failing with TransientError (remote store I/O, an API that kept failing) is retried
 # twice, after 30 s and 60 s: long enough for a throttled bucket or API to recover, short
@@ -83,9 +87,9 @@ def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = F
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="report")
-def run_report(run_name: str, store_url: str, fingerprint: str) -> str:
-    """The run's own report from its eval artifact: its name and what changed (tasks/run_report.py)."""
-    return publish_run_report(ArtifactStore(store_url), run_name, fingerprint)
+def run_report(run_name: str, store_url: str, fingerprint: str, gates: tuple[GateSpec, ...] = ()) -> RunReport:
+    """The run's own report from its eval artifact: its name, what changed, its gates (tasks/run_report.py)."""
+    return publish_run_report(ArtifactStore(store_url), run_name, fingerprint, gates)
 
 
 def run_here(item: PlannedStage, run: RunPlan) -> StageResult | State:
@@ -167,7 +171,9 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
         results.append(result)
     for result in results:
         if result.name == "eval":
-            run_report(run.spec.name, store_url(run.store), result.fingerprint)
+            report = run_report(run.spec.name, store_url(run.store), result.fingerprint, run.spec.eval.gates)
+            if report.failure is not None:
+                return Failed(message=str(report.failure), data=report.failure)  # the CLI exits with code 3
     return results
 
 

@@ -1,13 +1,16 @@
-"""Shared fixtures: small specs written into a temp folder, and a store beside them."""
+"""Shared fixtures: small specs written into a temp folder, a store beside them, and one finished
+tiny.yaml store per session for the tests that need every stage (reliability, the run report, gates)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Hermetic Prefect: the tests (and the CLI subprocesses they start) get a fresh Prefect home
 # of their own, so a user's ~/.prefect database, or another run using it, cannot interfere.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gristmill-prefect-")
+# The tests that use `tiny_store` may build it: the whole tiny pipeline took 200-423 s on the
+# 2-core machine under other test runs (BENCHMARKS.md, Prefect's overhead) and 29 min in-process
+# at a load average of 9, far past pytest's 600 s default. The same hour four_runs allows.
+TINY_STORE_TIMEOUT_S = 3600
 
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "gu", "ba", "fe", "zo", "hy", "wa", "qi"]
@@ -97,3 +104,69 @@ def project(tmp_path: Path) -> SpecFactory:
     """A temp project with ten distinct documents in data/docs.jsonl."""
     write_jsonl(tmp_path / "data" / "docs.jsonl", [{"id": f"d{i}", "text": doc_text(i)} for i in range(10)])
     return SpecFactory(tmp_path)
+
+
+def tiny_copy(folder: Path, **sections: Any) -> Path:
+    """tiny.yaml written into `folder` beside a copy of its corpus, each of `sections` laid over the
+    section of that name (the corpus is keyed by content, so the stages keep tiny's fingerprints)."""
+    shutil.copytree(TINY.parent / "tiny", folder / "tiny", dirs_exist_ok=True)
+    spec = yaml.safe_load(TINY.read_text())
+    for name, value in sections.items():
+        spec[name] = {**spec[name], **value} if isinstance(value, dict) and isinstance(spec.get(name), dict) else value
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def finetuned_f1(store: Path) -> float:
+    """The finetuned arm's F1 in the one eval of a finished tiny store (its summary.json)."""
+    (summary,) = (store / "eval").glob("*/summary.json")
+    return json.loads(summary.read_text())["arms"]["finetuned"]["f1"]
+
+
+@dataclass(frozen=True)
+class FourRuns:
+    """Four `gristmill run tiny.yaml` started together on one fresh store."""
+
+    store: Path
+    outputs: list[tuple[int, str, str]]  # (exit code, stdout, stderr) of each
+
+
+@pytest.fixture(scope="session")
+def four_runs(tmp_path_factory) -> FourRuns:
+    """The real CLI, four processes started at once on one store (each waits for the others'
+    locks, so the stages are built once, uninterrupted)."""
+    store = tmp_path_factory.mktemp("four-runs") / "store"
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(TINY), "--store", str(store)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=3600) for p in procs]
+    return FourRuns(store, [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)])
+
+
+@pytest.fixture(scope="session")
+def tiny_store(request, tmp_path_factory) -> Path:
+    """A store holding every stage of tiny.yaml, built once per session (never modified: copy it).
+    A test using it may be the one that builds it (minutes on a busy 2-core machine): give it
+    TINY_STORE_TIMEOUT_S.
+
+    When this session also runs the four simultaneous runs (tests/reliability/test_kill.py), their
+    store is this one, so tiny is built once and checked twice; otherwise one in-process run
+    (tasks.core.runner) builds it. GRISTMILL_GOLDEN_STORE names a folder to build it in and keep
+    across sessions instead (a soak run, or iterating on these tests): what the current code
+    would build again is reused, artifacts of other code are removed (one artifact per stage)."""
+    from tasks.core.runner import execute, prepare_run
+
+    keep = os.environ.get("GRISTMILL_GOLDEN_STORE")
+    if not keep and any("four_runs" in item.fixturenames for item in request.session.items):
+        runs: FourRuns = request.getfixturevalue("four_runs")
+        assert [code for code, _, _ in runs.outputs] == [0] * 4, [err[-2000:] for _, _, err in runs.outputs]
+        return runs.store
+    store = Path(keep) if keep else tmp_path_factory.mktemp("tiny") / "store"
+    run = prepare_run(TINY, str(store))
+    for item in run.stages:
+        for stale in (store / item.name).glob("*"):
+            if stale.name != item.fingerprint:
+                shutil.rmtree(stale, ignore_errors=True)
+        execute(item, run.spec, run.store)
+    return store

@@ -109,3 +109,52 @@ def test_cache_view_leaves_out_unkeyed_fields(project):
     assert "path" not in a.corpus.sources[0].cache_view()
     c = project.load(executor={"tasks": 3})
     assert c.cache_view() != a.cache_view()
+
+
+# ---------------------------------------------------------------- eval.gates
+
+ISSUE_EXAMPLE = [{"arm": "finetuned", "metric": "f1", "min": 0.30},
+                 {"arm": "finetuned", "metric": "f1", "max_drop_vs_previous": 0.02},
+                 {"metric": "retrieval.recall@5", "min": 0.9}]
+
+
+def test_gates_load_as_written(project):
+    spec = project.load(eval={"gates": ISSUE_EXAMPLE})
+    assert [(g.arm, g.metric, g.min, g.max, g.max_drop_vs_previous) for g in spec.eval.gates] == [
+        ("finetuned", "f1", 0.3, None, None), ("finetuned", "f1", None, None, 0.02),
+        (None, "retrieval.recall@5", 0.9, None, None)]
+    assert spec.eval.gates[2].figure() == ("retrieval", "strict", "recall@5")
+    assert project.load().eval.gates == ()
+
+
+F1 = {"arm": "finetuned", "metric": "f1"}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"gates": [F1]}, "eval.gates.0: Value error, a gate has exactly one of min, max, max_drop_vs_previous "
+                      "(this one: none)"),
+    ({"gates": [{**F1, "min": 0.3, "max": 0.9}]}, "eval.gates.0: Value error, a gate has exactly one of min, max, "
+                                                  "max_drop_vs_previous (this one: min, max)"),
+    ({"gates": [{**F1, "minimum": 0.3}]}, "eval.gates.0.minimum: Extra inputs are not permitted"),
+    ({"gates": [{**F1, "min": float("nan")}]}, "eval.gates.0.min: Input should be a finite number"),
+    ({"gates": [{**F1, "max_drop_vs_previous": -0.1}]}, "eval.gates.0.max_drop_vs_previous: Input should be "
+                                                        "greater than or equal to 0"),
+    ({"gates": [{"arm": "finetuned", "metric": "f2", "min": 0}]}, "eval.gates.0.metric: Value error, 'f2' is not a "
+                                                                  "figure of an arm (one of: n, not_applicable, em, f1"),
+    ({"gates": [{"arm": "finetuned", "metric": "retrieval.recall@5", "min": 0}]},
+     "eval.gates.0.metric: Value error, 'retrieval.recall@5' is not a figure of an arm"),
+    ({"gates": [{"metric": "f1", "min": 0}]}, "eval.gates.0.metric: Value error, 'f1' is not a retrieval figure "
+                                              "(retrieval.recall@N or retrieval_lenient.recall@N); name its arm"),
+    ({"gates": [{"metric": "retrieval.recall5", "min": 0}]}, "eval.gates.0.metric: Value error, 'retrieval.recall5'"),
+    ({"gates": [{"arm": "finetuned_rag", "metric": "f1", "min": 0}]}, "eval.gates.0.arm: Input should be 'finetuned'"),
+    ({"arms": ["finetuned", "rag"], "gates": [{"arm": "gold", "metric": "f1", "min": 0}]},
+     "eval.gates: Value error, gates.0.arm: 'gold' is not evaluated (eval.arms: finetuned, rag)"),
+    ({"k": 3, "gates": [ISSUE_EXAMPLE[0], {"metric": "retrieval.recall@4", "min": 0}]},
+     "eval.gates: Value error, gates.1.metric: eval measures recall at 1, 5, 3 (eval.k) and seen, not at 4"),
+])
+def test_invalid_gates_name_file_field_and_reason(project, section, message):
+    path = project.write(eval=section)
+    with pytest.raises(InputError) as e:
+        load_spec(path)
+    assert str(path) in str(e.value)
+    assert message in str(e.value)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY
+from tasks.registry import PIPELINE
+from tests.conftest import REPO, TINY, TINY_STORE_TIMEOUT_S, finetuned_f1, tiny_copy
 
 GRISTMILL = [sys.executable, "-m", "flows.cli"]
 pytestmark = pytest.mark.slow
@@ -198,3 +199,45 @@ def test_eval_with_a_bad_question_file_names_the_line(built_store, tmp_path):
     proc = gristmill("eval", str(TINY), "--store", str(built_store), "--questions", str(questions))
     assert proc.returncode == 2
     assert f"{questions}:2: needs `answers`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- regression gates (eval.gates)
+
+def done_states(stdout: str) -> dict[str, str]:
+    """stage -> built/cached, from the lines after "done:"."""
+    rows = [line.split() for line in stdout.split("done:")[-1].splitlines()]
+    return {r[0]: r[1] for r in rows if len(r) == 3 and r[0] in PIPELINE.names()}
+
+
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
+def test_a_failed_gate_is_exit_3_and_keeps_every_artifact(tiny_store, tmp_path):
+    """On a finished store (no Prefect server: the CLI's all-cached path, as a rerun takes it): a gate
+    just above the real F1 fails the run with exit 3, naming gate, value and threshold; no artifact
+    is touched, the report shows the gate, and a rerun with the gate met finds every stage cached."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    f1 = finetuned_f1(store)
+    recall = {"metric": "retrieval.recall@5", "min": 0.0}
+    failing = tiny_copy(tmp_path / "failing", eval={"gates": [{"arm": "finetuned", "metric": "f1", "min": f1 + 0.01},
+                                                               recall]})
+    artifacts_before = {str(p.parent): snapshot(p.parent) for p in store.glob("*/*/artifact.json")}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cli = lambda spec: subprocess.run([*GRISTMILL, "run", str(spec), "--store", str(store)], capture_output=True,
+                                      text=True, timeout=300, cwd=REPO, env={**env, "PREFECT_LOGGING_LEVEL": "WARNING"})
+
+    proc = cli(failing)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert (f"1 of 2 regression gate(s) failed (eval.gates): finetuned f1 >= {f1 + 0.01:.4g}: value {f1:.4g}, "
+            f"threshold {f1 + 0.01:.4g}") in proc.stderr
+    assert "every artifact is kept" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"report: {store / 'runs' / 'tiny' / 'report.html'}" in proc.stdout
+    md = (store / "runs" / "tiny" / "report.md").read_text()
+    assert "1 of 2 passed; 1 failed, so the run failed (exit code 3)." in md and "| **FAIL** |" in md
+    assert {str(p.parent): snapshot(p.parent) for p in store.glob("*/*/artifact.json")} == artifacts_before
+
+    met = tiny_copy(tmp_path / "met", eval={"gates": [{"arm": "finetuned", "metric": "f1", "min": f1}, recall]})
+    proc = cli(met)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert done_states(proc.stdout) == {stage: "cached" for stage in PIPELINE.names()}
+    assert "2 of 2 passed." in (store / "runs" / "tiny" / "report.md").read_text()
+    assert {str(p.parent): snapshot(p.parent) for p in store.glob("*/*/artifact.json")} == artifacts_before

@@ -9,11 +9,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from data_specs.errors import InputError, StageError, TransientError
+from data_specs.errors import GateFailed, InputError, StageError, TransientError
 from flows.pipeline import gristmill_pipeline, gristmill_stage
 from tasks.core.runner import plan
 from tasks.registry import PIPELINE
-from tests.conftest import SpecFactory
+from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, finetuned_f1, tiny_copy
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +57,27 @@ def test_deleted_artifact_is_rebuilt_even_if_prefect_remembers_it(harness, proje
             shutil.rmtree(row.path)
     _, results = run(project)
     assert [r.state for r in results] == ["cached", "built"]
+
+
+# ---------------------------------------------------------------- regression gates
+
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
+def test_a_failed_gate_fails_the_flow_run_after_every_stage_and_the_report(harness, tiny_store, tmp_path):
+    """The state an automation reacts to: Failed, its message naming the gate, value and threshold,
+    with every stage Cached and the report task Completed (the report written)."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    f1 = finetuned_f1(store)
+    spec = tiny_copy(tmp_path, eval={"gates": [{"arm": "finetuned", "metric": "f1", "min": f1 + 0.01}]})
+    state = gristmill_pipeline(str(spec), str(store), return_state=True)
+    assert state.is_failed()
+    expected = f"finetuned f1 >= {f1 + 0.01:.4g}: value {f1:.4g}, threshold {f1 + 0.01:.4g}"
+    assert expected in state.message
+    with pytest.raises(GateFailed, match="1 of 1 regression gate"):
+        state.result()
+    assert task_states(state.state_details.flow_run_id) == {**{s: "Cached" for s in PIPELINE.names()},
+                                                             "report": "Completed"}
+    assert "| **FAIL** |" in (store / "runs" / "tiny" / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- retries

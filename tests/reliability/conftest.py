@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tasks.registry import PIPELINE
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO
 
 STAGES = tuple(PIPELINE.names())
 # Stages whose output depends only on their inputs: a rerun after a kill must give the same bytes.
@@ -91,52 +91,14 @@ def gristmill(*args: str, timeout: float = 900, **kwargs: Any) -> subprocess.Com
                           **kwargs)
 
 
-@dataclass(frozen=True)
-class FourRuns:
-    """Four `gristmill run tiny.yaml` started together on one fresh store."""
-
-    store: Path
-    outputs: list[tuple[int, str, str]]  # (exit code, stdout, stderr) of each
-
-
 @pytest.fixture(scope="session")
-def four_runs(tmp_path_factory) -> FourRuns:
-    """The real CLI, four processes started at once on one store (each waits for the others'
-    locks, so the stages are built once, uninterrupted)."""
-    store = tmp_path_factory.mktemp("four-runs") / "store"
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(TINY), "--store", str(store)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
-    outs = [p.communicate(timeout=3600) for p in procs]
-    return FourRuns(store, [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)])
-
-
-@pytest.fixture(scope="session")
-def golden(request) -> Golden:
-    """An uninterrupted tiny.yaml store: the one the four simultaneous runs built (a run killed
-    in a trial is compared with it, stage by stage, so it is checked twice).
-
-    GRISTMILL_GOLDEN_STORE names a folder to build it in, through tasks.core.runner, and keep it
-    across sessions instead (a soak run, or iterating on these tests); the fingerprints make
-    a store built by other code miss, and it is then built again."""
-    from tasks.core.runner import execute, prepare_run
-
-    keep = os.environ.get("GRISTMILL_GOLDEN_STORE")
-    if keep:
-        store = Path(keep)
-        run = prepare_run(TINY, str(store))
-        if not all(item.cached for item in run.stages):
-            shutil.rmtree(store, ignore_errors=True)  # built by other code: one run's artifacts only
-            run = prepare_run(TINY, str(store))
-        for item in run.stages:
-            execute(item, run.spec, run.store)
-    else:
-        runs: FourRuns = request.getfixturevalue("four_runs")
-        assert [code for code, _, _ in runs.outputs] == [0] * 4, [err[-2000:] for _, _, err in runs.outputs]
-        store = runs.store
-    records = finished(store)
+def golden(tiny_store: Path) -> Golden:
+    """An uninterrupted tiny.yaml store (tests/conftest.py's `tiny_store`: the one the four
+    simultaneous runs built when this session runs them, so it is checked twice; a run killed in
+    a trial is compared with it, stage by stage), its every artifact checked intact here."""
+    records = finished(tiny_store)
     assert set(records) == set(STAGES)
-    return Golden(store, records)
+    return Golden(tiny_store, records)
 
 
 @pytest.fixture

@@ -32,12 +32,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, FourRuns
 from tests.reliability.conftest import (
     DETERMINISTIC,
     STAGES,
     TRAINING,
-    FourRuns,
     Golden,
     finished,
     gristmill,

@@ -204,7 +204,7 @@ def test_a_later_eval_of_the_same_run_shows_what_changed(evaluated):
     later = execute(row, spec, factory.store)
     from tasks.run_report import publish_run_report
 
-    md = (Path(publish_run_report(factory.store, spec.name, later.fingerprint)) / "report.md").read_text()
+    md = (Path(publish_run_report(factory.store, spec.name, later.fingerprint).location) / "report.md").read_text()
     assert f"## Change since the previous eval of {spec.name}" in md
     earlier = [r.fingerprint for r in factory.store.history("eval") if r.fingerprint != later.fingerprint]
     assert any(f"Against eval {fp}" in md for fp in earlier)  # it names the eval it compares against
@@ -219,6 +219,7 @@ def test_the_eval_artifact_holds_no_run_name_and_each_run_report_its_own(evaluat
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     assert (folder / "report.md").read_text().splitlines()[0] == "# gristmill report"
     for name in ("team-a", "team-b"):
-        md = (Path(publish_run_report(factory.store, name, results["eval"].fingerprint)) / "report.md").read_text()
+        own = Path(publish_run_report(factory.store, name, results["eval"].fingerprint).location)
+        md = (own / "report.md").read_text()
         assert md.splitlines()[0] == f"# gristmill report: {name}"
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

@@ -135,6 +135,43 @@ def test_a_library_version_changes_the_key_and_a_neutral_one_does_not(stage, lib
     assert _key(stage, spec) == before, f"{stage}: prefect only shows progress"
 
 
+# ---------------------------------------------------------------- eval.gates: in no key
+
+# A gate judges a finished eval (tasks/run_report.py); it changes no artifact, so no key holds it.
+GATES = [{"arm": "finetuned", "metric": "f1", "min": 0.3},
+         {"arm": "finetuned", "metric": "f1", "max_drop_vs_previous": 0.02},
+         {"metric": "retrieval.recall@5", "min": 0.9}]
+
+# change (over tiny.yaml with GATES) -> eval's key changes?
+GATE_CHANGES = [
+    ({"eval": {"gates": []}}, False),
+    ({"eval": {"gates": GATES[:1]}}, False),
+    ({"eval": {"gates": [{**GATES[0], "min": 0.9}, *GATES[1:]]}}, False),
+    ({"eval": {"gates": [{**GATES[0], "min": None, "max": 0.9}, *GATES[1:]]}}, False),
+    ({"eval": {"gates": [*GATES, {"arm": "rag", "metric": "latency_p95_s", "max": 2}]}}, False),
+    ({"eval": {"gates": GATES, "k": 4}}, True),  # a keyed field beside them still changes it
+]
+
+
+@pytest.mark.parametrize("change, eval_changes", GATE_CHANGES)
+def test_a_gate_change_keeps_the_eval_key(change, eval_changes, tmp_path):
+    base = _tiny(tmp_path, {"eval": {"gates": GATES}})
+    with fingerprint.fresh():  # one plan's worth of hashing: code and inputs read once
+        assert (_key("eval", _tiny(tmp_path, change)) != _key("eval", base)) == eval_changes
+
+
+def test_gates_are_in_no_stage_key_and_no_build_can_read_them(tmp_path):
+    from data_specs.views import UnkeyedFieldError
+    from tasks.core.keys import stage_view
+
+    without, gated = _tiny(tmp_path, {}), _tiny(tmp_path, {"eval": {"gates": GATES}})
+    with fingerprint.fresh():
+        assert {s: _key(s, gated) for s in PIPELINE.names()} == {s: _key(s, without) for s in PIPELINE.names()}
+    cfg = stage_view(PIPELINE.get("eval"), gated)[0]
+    with pytest.raises(UnkeyedFieldError, match="eval.gates is not in this stage's cache key"):
+        cfg.gates
+
+
 # ---------------------------------------------------------------- the stale-key cases
 
 def test_the_device_is_keyed_where_it_changes_the_output(tmp_path):
