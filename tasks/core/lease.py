@@ -275,16 +275,16 @@ def _attempt(objects: Objects, rel: str, me: LeaseInfo, waiting: _Waiting) -> Le
     info; None when the lease came and went too often to tell (the next look tries again)."""
     taken_from: tuple[LeaseInfo, str] | None = None
     for _ in range(CLAIM_TRIES):
-        current = objects.read(rel)
-        if current is None:
-            version = objects.create(rel, me.body())
-            if version is None:
-                continue  # another worker created it first: read theirs
+        version = objects.create(rel, me.body())  # first: the usual case costs one request
+        if version is not None:
             if taken_from is not None:
                 old, why = taken_from
                 log.warning("%s: took over the lease %s from %s, building %s since %.0f s ago: %s", me.stage,
                             objects.location(rel), old.holder(), old.fingerprint, time.time() - old.started_at, why)
             return Lease(objects, rel, me, version)
+        current = objects.read(rel)
+        if current is None:
+            continue  # released between the two calls
         info = _parse(current)
         if info.owner == me.owner:  # created, but the reply was lost
             return Lease(objects, rel, info, current.version)

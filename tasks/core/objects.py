@@ -137,12 +137,11 @@ class FileObjects:
 
 
 def _write_temp(path: Path, body: bytes) -> Path:
-    """`body` in a new file beside `path`, flushed to disk; returns its path."""
+    """`body` in a new file beside `path`; returns its path. Not fsynced: these objects matter only
+    while their writer runs (a machine that crashes takes its lease's holder with it), and NFS
+    shows a closed file to other machines without it (close-to-open consistency)."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.new")
-    with tmp.open("wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp.write_bytes(body)
     return tmp
 
 
