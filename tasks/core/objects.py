@@ -27,6 +27,7 @@ Other fsspec protocols (gcs, azure, ...) are not offered conditional writes here
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import uuid
@@ -43,6 +44,9 @@ from tasks.core.store import ArtifactStore
 # S3 answers to a condition that did not hold: 412 (it changed), 404 (it is gone: If-Match on a
 # missing key), 409 (another conditional write to the key was in flight).
 CONDITION_FAILED_STATUS = frozenset({404, 409, 412})
+# link(2) on a file system without hard links (some FUSE and SMB mounts); the temp file beside
+# the target was just created, so EPERM is not a permission problem here.
+NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,12 @@ class FileObjects:
             os.link(tmp, path)  # fails when `path` exists
         except FileExistsError:
             return None
+        except OSError as e:
+            if e.errno not in NO_LINKS:
+                raise
+            raise InputError(f"store {self.root}: its file system cannot hard-link files ({e.strerror}), which "
+                             "leases use; set `lease: null` in the spec (then only one machine may use this store "
+                             "at a time)") from e
         finally:
             tmp.unlink(missing_ok=True)
         return _sha(body)

@@ -7,6 +7,7 @@ ArtifactStore with a local cache (and so file locks) of its own."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from data_specs.errors import StageError
+from data_specs.errors import InputError, StageError
 from data_specs.schema import LeaseSpec
 from tasks.core.keys import content_inputs, resolved_part, spec_part
 from tasks.core.lease import LeaseInfo, LeaseLost, build_once, clear_lease, lease_rel, list_leases
@@ -83,6 +84,17 @@ def test_objects_are_created_only_if_absent_and_changed_only_if_unchanged(store_
     assert objects.replace(rel, b"four", second) is None and objects.read(rel) is None  # gone: not rewritten
     assert not objects.delete(rel, second)
     assert objects.create(rel, b"five") is not None
+
+
+def test_stores_without_conditional_writes_are_bad_input_naming_lease_null(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match=r"leases need a local folder or an s3:// store .* `lease: null`"):
+        objects_of(ArtifactStore("memory://gristmill-lease/store", local_cache=tmp_path / "cache"))
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # what link(2) says where there are no hard links
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(InputError, match=r"cannot hard-link files .* set `lease: null`"):
+        objects_of(ArtifactStore(tmp_path / "store")).create(f"{STAGE}/.lease-f0", b"x")
 
 
 def test_two_workers_racing_for_one_fingerprint_build_it_once(store_url, tmp_path):
