@@ -865,6 +865,19 @@ class ExecutorSpec(Section):
         return value
 
 
+class LeaseSpec(Section):
+    """How workers sharing one store take turns (tasks/core/lease.py): before building an artifact a
+    worker creates a lease object in the store, renews it while it builds and deletes it after; the
+    others wait for its artifact. Runtime settings, never part of a cache key."""
+
+    expiry_s: float = runtime(120.0, gt=0, description="Seconds without a heartbeat after which a lease is "
+                              "taken over (its holder is presumed dead); a holder renews it every expiry_s / 4. "
+                              "Keep it well above the clock skew between workers (NTP: well under 1 s).")
+    wait_timeout_s: float = runtime(43200.0, gt=0, description="Seconds a worker waits for another worker's "
+                                    "build of the same artifact before failing (default 12 h: longer than a "
+                                    "stage's build; the wait ends early when the holder publishes or dies).")
+
+
 class RunSpec(Section):
     """A whole run: its name, its corpus and the settings of every stage."""
 
@@ -885,6 +898,9 @@ class RunSpec(Section):
     eval: EvalSpec = EvalSpec()
     executor: ExecutorSpec = ExecutorSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    lease: LeaseSpec | None = runtime(LeaseSpec(), description="Leases in the store, so workers on several "
+                                      "machines build each artifact once; null: builds are serialised only among "
+                                      "processes of one machine (a file lock), for a store no other machine uses.")
     trust_remote_code: bool = runtime(False, description="Let model folders run their own Python code (an "
                                       "`auto_map` in config.json). Only `--trust-remote-code` on the command "
                                       "line sets it: load_spec refuses it in a spec file.")

@@ -5,6 +5,7 @@
     gristmill plan SPEC [--store DIR_OR_URL] [--force STAGE ...] [--gpu-deployment FLOW/DEPLOYMENT] [--json]
     gristmill report SPEC [--store DIR_OR_URL]
     gristmill eval SPEC --questions FILE [--store DIR_OR_URL] [--trust-remote-code]
+    gristmill leases SPEC [--store DIR_OR_URL] [--clear]
 
 Exit codes: 0 success; 2 bad input (spec, files, stage names), with a message naming the file,
 field or line; 1 a stage failed; 3 a regression gate failed (`eval.gates`, checked after eval by
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from data_specs.errors import GateFailed, InputError, StageError
 from data_specs.loader import load_spec
 from eval.questions import load_questions
 from tasks.core.keys import Placement, local_device
+from tasks.core.lease import clear_lease, expired, list_leases
 from tasks.core.runner import (
     DEFAULT_STORE,
     PlannedStage,
@@ -196,6 +199,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_leases(args: argparse.Namespace) -> int:
+    """Lists the store's leases (who builds what, since when, live or expired); --clear deletes them."""
+    spec = load_spec(args.spec)
+    store = resolve_store(spec, args.store)
+    held = list_leases(store)
+    if not held:
+        print(f"no leases in {store.url}")
+        return EXIT_OK
+    print(f"leases in {store.url}:")
+    now = time.time()
+    for h in held:
+        state = expired(h.info) or "live"
+        print(f"  {h.info.stage}  {h.info.fingerprint}  {h.info.holder()}  building {now - h.info.started_at:.0f} s, "
+              f"heartbeat {now - h.info.heartbeat_at:.0f} s ago: {state}\n    {h.location}")
+    if args.clear:
+        for h in held:
+            print(f"{'cleared' if clear_lease(store, h.rel) else 'gone already'}: {h.location}")
+        print("a holder that is still running takes its lease back at its next heartbeat: stop it first")
+    return EXIT_OK
+
+
 def remote_code_flag(p: argparse.ArgumentParser) -> None:
     """--trust-remote-code: only here can a run allow model code (a spec file cannot)."""
     p.add_argument("--trust-remote-code", action="store_true",
@@ -262,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--store", metavar="DIR_OR_URL", help="artifact store (default as for run)")
     remote_code_flag(ev)
     ev.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("leases", help="list the store's leases (builds in progress on any machine); --clear "
+                        "deletes them, to unblock waiting workers when a holder is gone")
+    ls.add_argument("spec", help="run spec (YAML) whose store to look in")
+    ls.add_argument("--store", metavar="DIR_OR_URL", help="artifact store (default as for run)")
+    ls.add_argument("--clear", action="store_true",
+                    help="delete every lease listed (a holder still running creates its lease again at its next "
+                         "heartbeat, every lease.expiry_s / 4)")
+    ls.set_defaults(func=cmd_leases)
     return parser
 
 

@@ -1,15 +1,18 @@
-"""Shared fixtures: small specs written into a temp folder, a store beside them, and one finished
-tiny.yaml store per session for the tests that need every stage (reliability, the run report, gates)."""
+"""Shared fixtures: small specs written into a temp folder, a store beside them, one finished
+tiny.yaml store per session for the tests that need every stage (reliability, the run report,
+gates), a moto S3 server, and the "gristmill" log."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,3 +173,51 @@ def tiny_store(request, tmp_path_factory) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
         execute(item, run.spec, run.store)
     return store
+
+
+@pytest.fixture
+def gristmill_log(caplog):
+    """caplog with the "gristmill" logger's records, even where the CLI set it not to propagate."""
+    logger = logging.getLogger("gristmill")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
+S3_BUCKET = "gristmill-test"
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free local port, a bucket in it, and the environment that points
+    the AWS client stack at it (the way a team points gristmill at MinIO or a real bucket)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # Downloads of remote artifacts are cached per machine; keep this test's apart.
+        "HOME": str(tmp_path_factory.mktemp("home")),
+    }
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    s3_client(env).create_bucket(Bucket=S3_BUCKET)
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+def s3_client(env: dict[str, str]):
+    """A boto3 client of the server `s3_env` started (to look at the bucket from outside gristmill)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])

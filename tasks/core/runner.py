@@ -1,4 +1,4 @@
-"""Plans and runs stages: fingerprint, cache lookup, lock, temp folder, atomic publish, record.
+"""Plans and runs stages: fingerprint, cache lookup, lock and lease, temp folder, atomic publish, record.
 
 This is the one place that knows how a stage becomes an artifact; Prefect wraps `execute`
 in a task (flows/pipeline.py) but nothing here depends on Prefect, so `bench/` can time
@@ -26,6 +26,7 @@ from tasks.core.files import checksum_tree, make_gzip_reproducible
 from tasks.core.fingerprint import digest_key, explain_change, fresh, installed_version
 from tasks.core.graph import Graph
 from tasks.core.keys import Placement, stage_key, stage_view
+from tasks.core.lease import Lease, build_once
 from tasks.core.stage import RunContext, Stage
 from tasks.core.store import ArtifactRecord, ArtifactStore, now_iso
 
@@ -204,16 +205,17 @@ def prepare_run(spec_path: str | Path, store: str | None = None, until: str | No
 
 def cached_results(run: RunPlan) -> list[StageResult] | None:
     """The results of a run whose every chosen stage is cached and not forced, each checked intact
-    under its lock as `execute` would; None as soon as one must be built."""
+    under its lock as `execute` would; None as soon as one must be built (a damaged one included:
+    `execute` moves it aside, holding its lease, and rebuilds it)."""
     if run.forced or not all(item.cached for item in run.stages):
         return None
     results = []
     for item in run.stages:
         with run.store.lock(item.name, item.fingerprint):
-            found = run.store.find(item.name, item.fingerprint, repair=True)
-        if found.record is None:
-            return None  # damaged since the plan: a real run rebuilds it
-        results.append(StageResult(item.name, item.fingerprint, "cached", item.path, found.record))
+            found = _cached(item, run.store)
+        if found is None:
+            return None
+        results.append(found)
     return results
 
 
@@ -221,26 +223,50 @@ def execute(item: PlannedStage, spec: RunSpec, store: ArtifactStore, force: bool
             graph: Graph | None = None, placement: Placement = Placement()) -> StageResult:
     """Builds one planned stage unless its artifact exists intact; publishes it atomically.
 
-    Damage is checked on use: the sizes of this stage's own cached artifact, the sha256 of every
-    upstream artifact a build reads. A damaged artifact is moved aside and rebuilt."""
+    Builds of one fingerprint take turns: under a file lock among the processes of this machine,
+    and under a lease in the store among machines (tasks/core/lease.py): a worker that finds
+    another building it waits for that artifact. A cached stage takes no lease. Damage is
+    checked on use: the sizes of this stage's own cached artifact, the sha256 of every upstream
+    artifact a build reads. A damaged artifact is moved aside (holding the lease) and rebuilt."""
     graph = (graph or pipeline()).for_spec(spec)
     stage = graph.get(item.name)
     try:
         inputs = _inputs(item, stage, spec, store, graph, placement)
         with store.lock(item.name, item.fingerprint):
-            reason = item.reason or "forced"
-            if not force:
-                found = store.find(item.name, item.fingerprint, repair=True)
-                if found.record is not None:
-                    log.info("%s: cached %s", item.name, item.path)
-                    return StageResult(item.name, item.fingerprint, "cached", item.path, found.record)
-                reason = f"damaged: {found.damage}" if found.damage else reason
-            return _build(item, stage, spec, store, inputs, reason)
+            found = None if force else _cached(item, store)
+            if found is not None:
+                log.info("%s: cached %s", item.name, item.path)
+                return found
+            return build_once(store, item.name, item.fingerprint, spec.lease,
+                              ready=lambda: None if force else _cached(item, store),
+                              build=lambda lease: _turn(item, stage, spec, store, inputs, force, lease),
+                              clear_hint=f"gristmill leases {spec.spec_path} --store {store.url} --clear")
     except OSError as e:  # the store's own reads and writes (a build's are diagnosed in _build)
         fault = from_os_error(e, store.location(item.name, item.fingerprint))
         if fault is None:
             raise StageError(f"stage {item.name!r} failed: {type(e).__name__}: {e}") from e
         raise _fault_error(item.name, store, fault) from e
+
+
+def _cached(item: PlannedStage, store: ArtifactStore) -> StageResult | None:
+    """The stage's result when the store holds its artifact intact (sizes checked); None otherwise."""
+    found = store.find(item.name, item.fingerprint)
+    return None if found.record is None else StageResult(item.name, item.fingerprint, "cached", item.path,
+                                                         found.record)
+
+
+def _turn(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, inputs: Any, force: bool,
+          lease: Lease | None) -> StageResult:
+    """This worker's turn at a fingerprint (its lease held): the artifact if another worker
+    published it meanwhile, else a build; a damaged artifact is moved aside first."""
+    reason = item.reason or "forced"
+    if not force:
+        found = store.find(item.name, item.fingerprint, repair=True)
+        if found.record is not None:
+            log.info("%s: cached %s", item.name, item.path)
+            return StageResult(item.name, item.fingerprint, "cached", item.path, found.record)
+        reason = f"damaged: {found.damage}" if found.damage else reason
+    return _build(item, stage, spec, store, inputs, reason, lease)
 
 
 def _inputs(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, graph: Graph,
@@ -295,8 +321,9 @@ def _context(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactSto
 
 
 def _build(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, inputs: Any,
-           reason: str) -> StageResult:
-    """Builds a stage into a fresh temp folder and publishes it. Call with its lock held."""
+           reason: str, lease: Lease | None) -> StageResult:
+    """Builds a stage into a fresh temp folder and publishes it, unless it lost its lease meanwhile
+    (LeaseLost: nothing published). Call with its lock and lease held."""
     store.clear_stale_builds(item.name, item.fingerprint)
     work = store.work_dir(item.name, item.fingerprint)
     out = store.new_build_dir(item.name, item.fingerprint)
@@ -325,6 +352,8 @@ def _build(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore
             versions={"python": platform.python_version(), **{d: installed_version(d) for d in RECORDED_VERSIONS}},
             created_at=now_iso(),
         )
+        if lease is not None:
+            lease.confirm()  # renewed right before publishing: a worker that was taken over publishes nothing
         path = store.publish(out, record)
     except BaseException:
         # Nothing half-published: no temp folder, no artifact folder without its record.

@@ -4,45 +4,18 @@ server mode on 127.0.0.1), reached through the real client stack (s3fs → aiobo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from tasks.registry import PIPELINE
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, S3_BUCKET, TINY, s3_client
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "gristmill-test"
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A moto S3 server on a free local port, a bucket in it, and the environment that points
-    the AWS client stack at it (the way a team points gristmill at MinIO or a real bucket)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        # Downloads of remote artifacts are cached per machine; keep this test's apart.
-        "HOME": str(tmp_path_factory.mktemp("home")),
-    }
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
-    s3_client(env).create_bucket(Bucket=BUCKET)
-    try:
-        yield env
-    finally:
-        server.stop()
+BUCKET = S3_BUCKET
 
 
 def gristmill(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -54,13 +27,6 @@ def states(stdout: str) -> dict[str, str]:
     """stage -> built/cached, from the table `gristmill run` ends with."""
     rows = [line.split() for line in stdout.split("done:", 1)[1].splitlines()[1:]]
     return {r[0]: r[1] for r in rows if len(r) == 3 and r[1] in ("built", "cached")}
-
-
-def s3_client(env: dict[str, str]):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
 
 
 def bucket_keys(env: dict[str, str]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -99,15 +98,3 @@ def golden(tiny_store: Path) -> Golden:
     records = finished(tiny_store)
     assert set(records) == set(STAGES)
     return Golden(tiny_store, records)
-
-
-@pytest.fixture
-def gristmill_log(caplog):
-    """caplog with the "gristmill" logger's records, even where the CLI set it not to propagate."""
-    logger = logging.getLogger("gristmill")
-    level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(level)
