@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/trl_speed.py
 	$(BIN)/python bench/rag_eval.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/warm_start.py
 
 clean:
 	rm -rf .gristmill
