@@ -20,13 +20,16 @@ timed once: both variants read them. Then, through tasks.core.runner as `gristmi
 
 The stages after pretrain (qa, midtrain, sft, dpo, index, reader, eval) rebuild in both cases at
 the same cost (same model size, same data) and are not run. `--scale` multiplies every token
-budget (day 1, warm, scratch alike) for a shorter run. Validation losses are per token on each
+budget (day 1, warm, scratch alike) for a shorter run; `--batch-tokens` keeps it several steps long. Validation losses are per token on each
 run's own validation blocks: the same held-out documents (split by document id), tokenized by
 day 1's tokenizer (warm) or by one trained on the day-2 corpus (scratch), five documents apart.
 Last line: ratio=X.XX (warm seconds / scratch seconds, the data stages counted in both).
 
-    PYTHONPATH=. .venv/bin/python bench/warm_start.py               # demo budgets: ~8-10 min on 2 cores
-    PYTHONPATH=. .venv/bin/python bench/warm_start.py --scale 0.4   # ~4 min
+    PYTHONPATH=. .venv/bin/python bench/warm_start.py      # the demo's budgets: three pretrain runs, two full
+    PYTHONPATH=. .venv/bin/python bench/warm_start.py --scale 0.1 --batch-tokens 4096   # a tenth, 37 steps
+
+The second took 15.5 minutes on 2 cores shared with other jobs (load average 10-17, OMP_NUM_THREADS=1,
+~600 tokens/s against the demo's 5-12k on an idle machine); day 1's build is about 40% of it.
 """
 
 from __future__ import annotations
@@ -61,18 +64,20 @@ def added_documents(folder: Path) -> Path:
     return folder
 
 
-def write_spec(folder: Path, name: str, day: int, scale: float, warm: tuple[float, float] | None) -> Path:
-    """The demo spec as run `name` on day 1 or 2; `warm` = (token fraction, lr) for a warm start."""
+def write_spec(folder: Path, name: str, day: int, args: argparse.Namespace, warm: bool) -> Path:
+    """The demo spec as run `name` on day 1 or 2, scaled; a warm start when `warm`."""
     spec = yaml.safe_load((REPO / "data_specs" / "python_docs.yaml").read_text())
     spec["name"] = name
     if day == 2:
         spec["corpus"]["sources"].append({"kind": "jsonl", "path": "added/*.jsonl", "text_field": "text",
                                           "id_field": "id"})
     pretrain = spec["pretrain"]
-    pretrain["tokens"] = round(pretrain["tokens"] * scale)
-    if warm is not None:
-        fraction, lr = warm
-        pretrain.update({"tokens": round(pretrain["tokens"] * fraction), "lr": lr, "from": {"run": "nightly"}})
+    pretrain["tokens"] = round(pretrain["tokens"] * args.scale)
+    if args.batch_tokens:
+        pretrain["batch_tokens"] = args.batch_tokens
+    if warm:
+        pretrain.update({"tokens": round(pretrain["tokens"] * args.warm_fraction), "lr": args.warm_lr,
+                         "from": {"run": "nightly"}})
     path = folder / f"{name}-day{day}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -103,6 +108,8 @@ def main() -> None:
     parser.add_argument("--warm-fraction", type=float, default=0.2, help="the warm start's token budget, as a "
                         "share of the demo's")
     parser.add_argument("--warm-lr", type=float, default=1e-3, help="the warm start's peak learning rate")
+    parser.add_argument("--batch-tokens", type=int, help="tokens per optimizer step in every variant (default: the "
+                        "demo's 16384; a smaller --scale keeps more steps with a smaller batch)")
     parser.add_argument("--work", help="folder for specs and the store (default: a temp folder, removed)")
     args = parser.parse_args()
     logging.getLogger("gristmill").setLevel(logging.WARNING)
@@ -111,9 +118,13 @@ def main() -> None:
         work = Path(args.work or tmp)
         store = ArtifactStore(work / "store")
         added_documents(work / "added")
-        day1 = write_spec(work, "nightly", 1, args.scale, None)
-        warm = write_spec(work, "nightly", 2, args.scale, (args.warm_fraction, args.warm_lr))
-        scratch = write_spec(work, "scratch", 2, args.scale, None)
+        day1 = write_spec(work, "nightly", 1, args, warm=False)
+        warm = write_spec(work, "nightly", 2, args, warm=True)
+        scratch = write_spec(work, "scratch", 2, args, warm=False)
+        budget = {name: yaml.safe_load(path.read_text())["pretrain"] for name, path in
+                  (("day 1", day1), ("warm", warm), ("scratch", scratch))}
+        print("pretrain: " + "; ".join(f"{name} {p['tokens']:,} tokens, lr {p['lr']:g}, {p['batch_tokens']:,} per step"
+                                       for name, p in budget.items()))
 
         start = time.perf_counter()
         build(day1, store, DATA + MODEL)
