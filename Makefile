@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/rag_eval.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/lease.py
+	$(BIN)/python bench/warm_start.py
 
 clean:
 	rm -rf .gristmill

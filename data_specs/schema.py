@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -32,6 +33,7 @@ from pydantic import (
 # Linux PATH_MAX and NAME_MAX, in bytes: a longer path fails in the OS, not with a clear message.
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 REMOTE_CODE_FIELD = "trust_remote_code"
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a run's name is a folder name under <store>/runs/
 
 
 def runtime(default: Any = ..., **kwargs: Any) -> Any:
@@ -493,14 +495,53 @@ class OptimSpec(Section):
                            "is keyed as the resolved `compile` (true only on CUDA).")
 
 
+class RunRef(Section):
+    """Another run's newest model, looked up in the store when this run is planned: a warm start.
+
+    It resolves to the newest intact artifact of `stage` whose record names `run`
+    (tasks/core/references.py). What it resolves to enters the cache key, not the name, so a newer
+    artifact of that run rebuilds; `gristmill plan` shows what it resolved to."""
+
+    run: str = Field(min_length=1, max_length=100, pattern=RUN_NAME, description="The `name` of the run to "
+                     "start from; a nightly names its own, and continues from its previous night.")
+    stage: Literal["pretrain", "midtrain"] = Field("pretrain", description="Which of that run's models: the "
+                                                   "pretrained one, or the mid-trained one (it also read Q&A text).")
+    fallback: Literal["scratch", "error"] = Field("error", description="When the store holds no intact artifact "
+                                                  "of it: `error` (bad input, exit 2), or `scratch` (train from "
+                                                  "scratch, exactly as without `from`: a nightly's first night).")
+
+
 class PretrainSpec(OptimSpec):
     """Causal-LM pre-training (or continued pre-training) with a token budget."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    from_: PathStr | None = content_keyed(None, alias="from", description="A local HF checkpoint folder to continue from "
-                                "(its content enters the cache key); the model dimensions are then its own.")
+    from_: PathStr | RunRef | None = content_keyed(
+        None, alias="from", description="Where the model starts, instead of new weights. A local HF checkpoint "
+        "folder (its content enters the cache key; name its folder in tokenizer.from too), or a run reference "
+        "{run: NAME, stage: pretrain|midtrain, fallback: error|scratch}: a warm start from the newest model that run "
+        "published in the store, with that model's tokenizer (the tokenizer stage copies it instead of training "
+        "one, so token ids keep their meaning), trained on this corpus with this section's optimizer settings (a "
+        "fresh AdamW and schedule); the artifact it resolves to enters the key. Either way the model dimensions "
+        "are the checkpoint's own. A nightly warm start usually sets a much smaller `tokens` budget than the "
+        "first full run (a fifth or less): the model only has to take in what changed.")
     model: ModelSpec = ModelSpec()
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _checkpoint_or_run(cls, value: Any) -> Any:
+        """A path stays a path; a mapping must be a whole run reference, named as one (not as a path)."""
+        if value is None or isinstance(value, (str, RunRef)):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("a checkpoint folder (a path) or a run reference {run: NAME, stage: pretrain|midtrain, "
+                             "fallback: error|scratch}")
+        try:
+            return RunRef.model_validate(value)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"a run reference is {{run: NAME, stage: pretrain|midtrain, fallback: error|scratch}}: "
+                             f"{problems}") from None
 
 
 # ---------------------------------------------------------------- qa and midtrain
@@ -881,7 +922,7 @@ class LeaseSpec(Section):
 class RunSpec(Section):
     """A whole run: its name, its corpus and the settings of every stage."""
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    name: str = Field(min_length=1, max_length=100, pattern=RUN_NAME,
                       description="Run name: letters, digits, '.', '_', '-' (no path separator), at most 100.")
     store: PathStr | None = runtime(None, description="Artifact store folder or fsspec URL; default ./.gristmill.")
     corpus: CorpusSpec
@@ -906,6 +947,20 @@ class RunSpec(Section):
                                       "line sets it: load_spec refuses it in a spec file.")
 
     _spec_path: Path = PrivateAttr(default=Path("spec.yaml"))
+
+    @model_validator(mode="after")
+    def _warm_start(self) -> RunSpec:
+        """A run reference decides the tokenizer and names no fixed checkpoint: fields that assume
+        otherwise contradict it."""
+        if isinstance(self.pretrain.from_, RunRef):
+            if self.tokenizer.from_:
+                raise ValueError("tokenizer.from: a warm start (pretrain.from: {run: ...}) uses the tokenizer of the "
+                                 "model it starts from, so token ids keep their meaning; remove tokenizer.from")
+            if self.eval.rag_generator == "base":
+                raise ValueError("eval.rag_generator: `base` is the checkpoint folder pretrain.from names, and a run "
+                                 "reference names none (it changes as that run publishes); use `reader` or a "
+                                 "model folder")
+        return self
 
     def allowing_remote_code(self) -> RunSpec:
         """This spec with remote code allowed: what `gristmill run --trust-remote-code` does."""

@@ -4,7 +4,9 @@ Every field of a section is one of three kinds, declared where the field is (dat
 
     keyed    (a plain `Field`)   its value enters the stage's cache key
     content  (`content_keyed()`) a path; the *content* of what it names enters the key, and the
-                                 stage reads it as an absolute path (relative to the spec file)
+                                 stage reads it as an absolute path (relative to the spec file);
+                                 `pretrain.from` may instead hold a run reference, which names no
+                                 file: what it resolves to is keyed (tasks/core/references.py)
     runtime  (`runtime()`)       provably output-neutral (checkpoint cadence, worker counts,
                                  timeouts); left out of the key
 
@@ -51,7 +53,7 @@ def content_fields(section: BaseModel, where: str) -> Iterator[tuple[str, str, s
         value = getattr(section, name)
         dotted = f"{where}.{info.alias or name}" if where else (info.alias or name)
         if field_kind(info) == CONTENT:
-            if value:
+            if value and not isinstance(value, BaseModel):  # a run reference names no file (keyed as resolved)
                 yield dotted, str(value), content_kind(info)
         elif isinstance(value, BaseModel):
             yield from content_fields(value, dotted)
@@ -103,7 +105,7 @@ class KeyedView(_View):
                 f"{where} is not in this stage's cache key (a runtime setting), so its build must not depend "
                 f"on it: read it from ctx.runtime if it provably does not change the output, else key it")
         value = getattr(self._section, name)
-        if kind == CONTENT:
+        if kind == CONTENT and not isinstance(value, BaseModel):  # a run reference is read as a section
             return resolve_path(value, self._base) if value else value
         return self._wrap(value, where)
 

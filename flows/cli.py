@@ -78,9 +78,13 @@ def _start_prefect_server() -> None:
 def _print_plan(rows: Sequence[PlannedStage], out=None) -> None:
     out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirect
     width = max(len(r.name) for r in rows)
+    shown = set()
     for r in rows:
         state = "cached" if r.cached else f"build  ({r.reason})"
         print(f"  {r.name:<{width}}  {r.fingerprint}  {state}", file=out)
+        if r.start is not None and r.start.field not in shown:  # what a run reference resolved to, once
+            shown.add(r.start.field)
+            print(f"  {'':<{width}}  from {r.start.describe()}", file=out)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -270,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plan as a run with --gpu-deployment would: the GPU stages' keys hold the GPU pool's device")
     gpu_device_flag(pl)
     pl.add_argument("--json", action="store_true",
-                    help="print a JSON list of {stage, fingerprint, cached, reason, path}")
+                    help="print a JSON list of {stage, fingerprint, cached, reason, path, resolved, from}; `from`: "
+                         "what a run reference (pretrain.from: {run: NAME}) resolved to, or null")
     pl.set_defaults(func=cmd_plan)
 
     rep = sub.add_parser("report", help="print the path of the spec's RAG-vs-fine-tune report")

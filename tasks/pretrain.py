@@ -1,11 +1,13 @@
 """pretrain: a Llama-architecture causal LM, trained from scratch or continued from a checkpoint.
 
-Reads:   documents (the corpus) and a tokenizer (or `pretrain.from`, a local HF checkpoint
-         folder, whose content enters the cache key).
+Reads:   documents (the corpus) and a tokenizer; with `pretrain.from`, the model to continue:
+         a local HF checkpoint folder (its content enters the cache key), or, for a warm start
+         from a run reference ({run: NAME}), that run's newest pretrain or midtrain artifact
+         (ctx.start; its fingerprint enters the key, and the tokenizer stage copied its tokenizer).
 Writes:  model/ (safetensors + config + the tokenizer, loadable with plain
          `AutoModelForCausalLM.from_pretrained`), and loss_curve.csv.
 Metrics: val_loss_initial, val_loss_final, val_perplexity_final, tokens_seen, tokens_per_s,
-         mfu (GPU only, else null), wall_s, peak_memory_mb, resumed_from_step, ...
+         mfu (GPU only, else null), wall_s, peak_memory_mb, resumed_from_step, started_from (a warm start), ...
 Alone:   gristmill run SPEC --only pretrain
 
 Documents are split by document into train/validation, tokenized, and packed into blocks
@@ -59,12 +61,21 @@ def new_model(spec: PretrainSpec, tokenizer) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def make_model(cfg: PretrainSpec, tokenizer, trust_remote_code: bool) -> tuple[torch.nn.Module, int]:
-    """(model, block length): continued from `pretrain.from`, or new from the spec's dimensions."""
-    if not cfg.from_:
+def starting_point(cfg: PretrainSpec, ctx: RunContext) -> Path | None:
+    """The checkpoint folder the model continues from: another run's model (a run reference that
+    resolved), the `pretrain.from` folder, or None for new weights (also when a run reference fell
+    back to scratch)."""
+    if ctx.start is not None:
+        return ctx.start.folder
+    return cfg.from_ if isinstance(cfg.from_, Path) else None
+
+
+def make_model(cfg: PretrainSpec, tokenizer, ctx: RunContext) -> tuple[torch.nn.Module, int]:
+    """(model, block length): continued from a checkpoint (`starting_point`), or new from the spec's dimensions."""
+    path = starting_point(cfg, ctx)
+    if path is None:
         return new_model(cfg, tokenizer), cfg.model.dims()["context"]
-    path = cfg.from_
-    model = load_checkpoint(path, trust_remote_code)
+    model = load_checkpoint(path, ctx.trust_remote_code)
     if len(tokenizer) > model.config.vocab_size:
         raise InputError(f"pretrain.from: {path} has {model.config.vocab_size} embedding rows but the tokenizer "
                          f"has {len(tokenizer)} tokens; use the checkpoint's own tokenizer (tokenizer.from)")
@@ -81,14 +92,17 @@ class PretrainInputs:
 def run(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext, dist: Dist) -> Metrics:
     """The work of one process: data, model, loop; the main process saves the artifact."""
     tokenizer = inputs.tokenizer.load(ctx.trust_remote_code)
-    model, block = make_model(cfg, tokenizer, ctx.trust_remote_code)
+    model, block = make_model(cfg, tokenizer, ctx)
     docs, held_out = training_documents(inputs.documents, ctx.fields)
     train, val = packed_splits(docs, tokenizer, block, cfg.val_fraction, cfg.seed, f"{ctx.spec_path}: pretrain")
     result = train_loop(model, train, val, cfg, ctx.work, pick_device(ctx.device, dist), dist, label="pretrain",
                         time_limit=ctx.resources.time_limit, checkpoint_every=ctx.runtime.checkpoint_every,
                         compile_model=ctx.resolved["compile"], bf16=ctx.resolved["precision"] == "bf16-autocast")
     save_trained(model, tokenizer, result, out, dist)
-    return {**result.metrics, "documents": len(docs), "held_out_documents_left_out": held_out}
+    metrics = {**result.metrics, "documents": len(docs), "held_out_documents_left_out": held_out}
+    if ctx.start is not None:
+        metrics["started_from"] = f"{ctx.start.stage} artifact {ctx.start.fingerprint} of run {ctx.start.record.run_name}"
+    return metrics
 
 
 def build(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext) -> Metrics:
@@ -97,4 +111,4 @@ def build(cfg: PretrainSpec, inputs: PretrainInputs, out: Path, ctx: RunContext)
 
 
 STAGE = Stage("pretrain", build, output=Model, inputs=PretrainInputs, section="pretrain", gpu=True,
-              resolve=loop_resolution, fields_when=holdout_fields)
+              resolve=loop_resolution, fields_when=holdout_fields, start_from="pretrain.from")

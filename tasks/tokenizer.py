@@ -1,9 +1,13 @@
 """tokenizer: a byte-level BPE trained on the deduped corpus, or an existing tokenizer used as is.
 
-Reads:   documents (the corpus), or the folder `tokenizer.from` names.
+Reads:   documents (the corpus), or the folder `tokenizer.from` names. When pretrain warm-starts
+         from another run (`pretrain.from: {run: NAME}`), the model it resolved to (ctx.start)
+         and not the corpus: its tokenizer is copied, so token ids keep their meaning, and the
+         key holds that model's fingerprint instead of the corpus's.
 Writes:  tokenizer/, a `PreTrainedTokenizerFast` folder (save_pretrained) with the chat special
          tokens and a ChatML chat template, loadable with plain `AutoTokenizer.from_pretrained`.
-Metrics: vocab_size, documents, chars, tokens (of the corpus), chars_per_token, trained.
+Metrics: vocab_size, documents, chars, tokens (of the corpus), chars_per_token, trained; for a
+         warm start vocab_size, trained (false) and copied_from.
 Alone:   gristmill run SPEC --only tokenizer
 
 The chat template marks assistant turns with {% generation %} so TRL can train on assistant
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from data_specs.errors import InputError
 from data_specs.schema import TokenizerSpec
-from tasks.core.artifacts import Documents, Tokenizer
+from tasks.core.artifacts import Documents, Model, Tokenizer
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.train.loading import load_tokenizer
 
@@ -66,11 +70,21 @@ def train_bpe(texts, vocab_size: int, min_frequency: int):
 
 @dataclass(frozen=True)
 class TokenizerInputs:
-    documents: Documents
+    documents: Documents | None = None  # None in a warm start (Stage.unread_when_started)
+
+
+def copy_started(start: Model, out: Path, trust_remote_code: bool) -> Metrics:
+    """A warm start's tokenizer: the one saved with the model it starts from, as it is."""
+    tok = load_tokenizer(start.folder, trust_remote_code=trust_remote_code)
+    tok.save_pretrained(str(Tokenizer.folder_in(out)))
+    return {"vocab_size": len(tok), "trained": False,
+            "copied_from": f"{start.stage} artifact {start.fingerprint} of run {start.record.run_name}"}
 
 
 def build(cfg: TokenizerSpec, inputs: TokenizerInputs, out: Path, ctx: RunContext) -> Metrics:
     """Trains (or copies) the tokenizer and measures it on the corpus."""
+    if ctx.start is not None:
+        return copy_started(ctx.start, out, ctx.trust_remote_code)
     if cfg.from_:
         tok = load_tokenizer_folder(cfg.from_, ctx.trust_remote_code)
         if tok.chat_template is None:
@@ -87,4 +101,5 @@ def build(cfg: TokenizerSpec, inputs: TokenizerInputs, out: Path, ctx: RunContex
             "chars_per_token": round(chars / max(tokens, 1), 3), "trained": cfg.from_ is None}
 
 
-STAGE = Stage("tokenizer", build, output=Tokenizer, inputs=TokenizerInputs, section="tokenizer")
+STAGE = Stage("tokenizer", build, output=Tokenizer, inputs=TokenizerInputs, section="tokenizer",
+              start_from="pretrain.from", unread_when_started=("documents",))

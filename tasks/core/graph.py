@@ -98,7 +98,7 @@ class Graph:
     @staticmethod
     def _check_section(stage: Stage) -> None:
         names = [stage.section] if stage.section else []
-        names += [f.split(".")[0] for f in stage.fields]
+        names += [f.split(".")[0] for f in (*stage.fields, *([stage.start_from] if stage.start_from else []))]
         for name in names:
             if name not in RunSpec.model_fields:
                 raise GraphError(f"stage {stage.name!r}: the spec has no section {name!r}")

@@ -2,12 +2,15 @@
 
 The spec part is its section's keyed fields plus the other fields it declared; the inputs part
 is the content of every file its content fields name; the resolved part is what its resolver
-fixes for the device it will run on. `stage_view` hands `build` the same things, so a build
-cannot read a value its key does not hold (data_specs/views.py).
+fixes for the device it will run on, and the artifact a run reference resolved to when the stage
+starts from one (tasks/core/references.py). `stage_view` hands `build` the same things, so a
+build cannot read a value its key does not hold (data_specs/views.py). `plan_keys` keys a whole
+graph in order, each stage from its upstream's fingerprints.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -26,7 +29,8 @@ from data_specs.views import (
     field_kind,
     resolve_path,
 )
-from tasks.core.fingerprint import code_closure, code_digest, file_digest, lib_versions, tree_digest
+from tasks.core.fingerprint import code_closure, code_digest, digest_key, file_digest, lib_versions, tree_digest
+from tasks.core.graph import Graph
 from tasks.core.stage import Stage, Where
 
 
@@ -104,9 +108,9 @@ def stage_view(stage: Stage, spec: RunSpec) -> tuple[KeyedView | None, RuntimeVi
         value, kind, _ = _field(spec, dotted)
         if kind == RUNTIME:
             raise KeyError(f"stage {stage.name!r} declares {dotted}, a runtime field: it cannot change the output")
-        if kind == CONTENT and value:
+        if kind == CONTENT and value and not isinstance(value, BaseModel):
             value = resolve_path(value, spec.base_dir)
-        elif isinstance(value, BaseModel):  # a whole section: read through its keyed view too
+        elif isinstance(value, BaseModel):  # a whole section (or a run reference): read through its keyed view too
             value = KeyedView(value, dotted, spec.base_dir)
         fields[dotted] = value
     return cfg, runtime, fields
@@ -151,7 +155,7 @@ def content_inputs(stage: Stage, spec: RunSpec) -> dict[str, str]:
         found += content_fields(getattr(spec, stage.section), stage.section)
     for dotted in stage.key_fields(spec):
         value, kind, names = _field(spec, dotted)
-        if kind == CONTENT and value:
+        if kind == CONTENT and value and not isinstance(value, BaseModel):  # a run reference names no file
             found.append((dotted, str(value), names))
     digests = {dotted: _digest(spec, dotted, value, kind) for dotted, value, kind in found if kind != "glob"}
     if stage.external_inputs:
@@ -167,15 +171,66 @@ def resolved_part(stage: Stage, spec: RunSpec, device: str) -> dict[str, Any]:
     return stage.resolve(cfg, Where(device, runtime, getattr(spec.resources, stage.name, None), fields))
 
 
-def stage_key(stage: Stage, spec: RunSpec, upstream: dict[str, str], device: str) -> dict[str, Any]:
-    """Everything that determines a stage's output (see tasks/core/fingerprint.py)."""
+def stage_key(stage: Stage, spec: RunSpec, upstream: dict[str, str], device: str,
+              started: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Everything that determines a stage's output (see tasks/core/fingerprint.py). `started`:
+    {spec field: {stage, fingerprint}} of the artifact a run reference resolved to, when the stage
+    starts from one (tasks/core/references.py); it is resolved at plan time, so it is keyed with
+    the other resolved values. Without one the key is what it always was."""
     _, third_party = code_closure(stage.module, *stage.also_runs)
     return {
         "stage": stage.name,
         "code": code_digest(stage.module, *stage.also_runs),
         "libs": lib_versions(third_party | set(stage.libs)),
         "spec": spec_part(stage, spec),
-        "resolved": resolved_part(stage, spec, device),
+        "resolved": {**resolved_part(stage, spec, device), **(started or {})},
         "inputs": content_inputs(stage, spec),
         "upstream": upstream,
     }
+
+
+def spec_value(spec: RunSpec, dotted: str) -> Any:
+    """The value of a dotted spec field such as "pretrain.from" (aliases allowed)."""
+    return _field(spec, dotted)[0]
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """A stage's key in a plan, and what its lineage holds."""
+
+    stage: Stage
+    key: dict[str, Any]
+    fingerprint: str
+    ancestry: dict[str, str]  # {stage: fingerprint} of every stage it reads, directly or not
+    # {spec field: (stage, fingerprint)} of the other runs' artifacts it or a stage it reads starts from.
+    references: dict[str, tuple[str, str]]
+
+
+def reads(graph: Graph, stage: Stage, started: bool) -> dict[str, str]:
+    """{role: producing stage} of what a stage reads: the graph's wiring, less the roles it leaves
+    unread when it starts from another run's artifact (`Stage.unread_when_started`)."""
+    roles = graph.upstream(stage.name)
+    return {r: p for r, p in roles.items() if not (started and r in stage.unread_when_started)}
+
+
+def plan_keys(spec: RunSpec, graph: Graph, placement: Placement, starts: Mapping[str, tuple[str, str]],
+              last: str | None = None) -> list[StageKey]:
+    """The key of every stage of `graph` in order (up to `last`), each from its upstream's
+    fingerprints. `starts`: {spec field: (stage, fingerprint)} the run references resolved to; a
+    stage whose `start_from` field is among them is keyed by it. Call inside `fresh()`."""
+    done: dict[str, StageKey] = {}
+    for stage in graph:
+        start = starts.get(stage.start_from) if stage.start_from else None
+        producers = set(reads(graph, stage, start is not None).values())
+        needs = [n for n in graph.names() if n in producers]
+        started = {stage.start_from: {"stage": start[0], "fingerprint": start[1]}} if start else None
+        key = stage_key(stage, spec, {n: done[n].fingerprint for n in needs}, placement.device(stage), started)
+        above = {a for n in needs for a in (n, *done[n].ancestry)}
+        references = {f: r for n in needs for f, r in done[n].references.items()}
+        if start is not None:
+            references[stage.start_from] = start
+        done[stage.name] = StageKey(stage, key, digest_key(key), {a: done[a].fingerprint for a in graph.names()
+                                                                   if a in above}, references)
+        if stage.name == last:
+            break
+    return list(done.values())

@@ -3,7 +3,8 @@
 This is the one place that knows how a stage becomes an artifact; Prefect wraps `execute`
 in a task (flows/pipeline.py) but nothing here depends on Prefect, so `bench/` can time
 the same work without it. The store decides what an intact artifact is (`ArtifactStore.find`);
-the runner only decides to build.
+the runner only decides to build. A run reference (`pretrain.from: {run: NAME}`) is resolved
+before any key is computed; tasks/core/references.py decides to what.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Any
 from data_specs.errors import InputError, StageError
 from data_specs.schema import RunSpec
 from tasks.core.allocator import keep_freed_memory
+from tasks.core.artifacts import Artifact
 from tasks.core.faults import DiskFault, diagnose, from_os_error
 from tasks.core.files import checksum_tree, make_gzip_reproducible
-from tasks.core.fingerprint import digest_key, explain_change, fresh, installed_version
+from tasks.core.fingerprint import explain_change, fresh, installed_version
 from tasks.core.graph import Graph
-from tasks.core.keys import Placement, stage_key, stage_view
+from tasks.core.keys import Placement, plan_keys, reads, stage_view
 from tasks.core.lease import Lease, build_once
+from tasks.core.references import Start, resolve
 from tasks.core.stage import RunContext, Stage
 from tasks.core.store import ArtifactRecord, ArtifactStore, now_iso
 
@@ -56,11 +59,21 @@ class PlannedStage:
     path: str
     # Fingerprints of every stage upstream of this one (direct or not), for lineage.
     ancestry: dict[str, str] = field(default_factory=dict)
+    # What its run reference resolved to (Stage.start_from holds one), for the build and the plan.
+    start: Start | None = None
+    # {spec field: (stage, fingerprint)} of other runs' artifacts it or a stage above it starts from (lineage).
+    references: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The `gristmill plan --json` row."""
         return {"stage": self.name, "fingerprint": self.fingerprint, "cached": self.cached,
-                "reason": self.reason or None, "path": self.path, "resolved": self.key.get("resolved") or None}
+                "reason": self.reason or None, "path": self.path, "resolved": self.key.get("resolved") or None,
+                "from": self.start.as_json() if self.start else None}
+
+    @property
+    def started(self) -> bool:
+        """True when it starts from another run's artifact (not from scratch)."""
+        return self.start is not None and self.start.source is not None
 
 
 @dataclass(frozen=True)
@@ -89,28 +102,29 @@ def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = (), graph: 
     Stages the spec skips (an optional stage whose section is null) are not planned."""
     graph = (graph or pipeline()).for_spec(spec)
     forced = graph.with_dependents(force)
-    fingerprints: dict[str, str] = {}
     planned = []
     with fresh():  # code and input files hashed again for every plan: a long-lived worker misses no edit
-        for stage in graph:
-            upstream = {producer: fingerprints[producer] for producer in graph.needs(stage.name)}
-            key = stage_key(stage, spec, upstream, placement.device(stage))
-            fp = digest_key(key)
-            fingerprints[stage.name] = fp
-            found = store.find(stage.name, fp)
+        # Run references first (tasks/core/references.py): the keys of the stages starting from one hold
+        # what it resolved to. Resolving may plan a stage with a candidate start, hence the callback.
+        starts = resolve(spec, store, sorted({s.start_from for s in graph if s.start_from}),
+                         lambda candidate, last: plan_keys(spec, graph, placement, candidate, last)[-1].fingerprint)
+        resolved = {f: start.source for f, start in starts.items() if start.source}
+        for k in plan_keys(spec, graph, placement, resolved):
+            name, fp = k.stage.name, k.fingerprint
+            found = store.find(name, fp)
             cached = found.record is not None
-            if stage.name in forced and cached:
-                reason = "forced" if stage.name in force else \
-                    f"forced upstream ({', '.join(sorted(forced & graph.ancestors(stage.name)))})"
+            if name in forced and cached:
+                reason = "forced" if name in force else \
+                    f"forced upstream ({', '.join(sorted(forced & graph.ancestors(name)))})"
                 cached = False
             elif cached:
                 reason = ""
             elif found.damage:
                 reason = f"damaged: {found.damage}"
             else:
-                reason = explain_change(_previous_key(store, stage.name, spec.name), key)
-            ancestry = {a: fingerprints[a] for a in graph.names() if a in graph.ancestors(stage.name)}
-            planned.append(PlannedStage(stage.name, fp, key, cached, reason, store.location(stage.name, fp), ancestry))
+                reason = explain_change(_previous_key(store, name, spec.name), k.key)
+            planned.append(PlannedStage(name, fp, k.key, cached, reason, store.location(name, fp), k.ancestry,
+                                        starts.get(k.stage.start_from or ""), k.references))
     return planned
 
 
@@ -194,7 +208,7 @@ def prepare_run(spec_path: str | Path, store: str | None = None, until: str | No
     by_name = {r.name: r for r in rows}
     names = {r.name for r in chosen}
     for item in chosen:
-        for need in graph.needs(item.name):
+        for need in item.key["upstream"]:  # what it reads (a warm-started tokenizer reads no corpus)
             if need not in names and not by_name[need].cached:
                 raise InputError(
                     f"--only {item.name}: its upstream stage {need!r} has no artifact for this spec in {st.url} "
@@ -239,7 +253,7 @@ def execute(item: PlannedStage, spec: RunSpec, store: ArtifactStore, force: bool
                 return found
             return build_once(store, item.name, item.fingerprint, spec.lease,
                               ready=lambda: None if force else _cached(item, store),
-                              build=lambda lease: _turn(item, stage, spec, store, inputs, force, lease),
+                              build=lambda lease: _turn(item, stage, spec, store, inputs, force, lease, graph),
                               clear_hint=f"gristmill leases {spec.spec_path} --store {store.url} --clear")
     except OSError as e:  # the store's own reads and writes (a build's are diagnosed in _build)
         fault = from_os_error(e, store.location(item.name, item.fingerprint))
@@ -256,7 +270,7 @@ def _cached(item: PlannedStage, store: ArtifactStore) -> StageResult | None:
 
 
 def _turn(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, inputs: Any, force: bool,
-          lease: Lease | None) -> StageResult:
+          lease: Lease | None, graph: Graph) -> StageResult:
     """This worker's turn at a fingerprint (its lease held): the artifact if another worker
     published it meanwhile, else a build; a damaged artifact is moved aside first."""
     reason = item.reason or "forced"
@@ -266,7 +280,7 @@ def _turn(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore,
             log.info("%s: cached %s", item.name, item.path)
             return StageResult(item.name, item.fingerprint, "cached", item.path, found.record)
         reason = f"damaged: {found.damage}" if found.damage else reason
-    return _build(item, stage, spec, store, inputs, reason, lease)
+    return _build(item, stage, spec, store, inputs, reason, lease, _start(item, store, graph))
 
 
 def _inputs(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, graph: Graph,
@@ -274,10 +288,29 @@ def _inputs(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStor
     """The stage's inputs dataclass: one typed handle per role, each on an intact local folder."""
     if stage.inputs is None:
         return None
-    producers, roles = graph.upstream(item.name), stage.roles()
+    producers, roles = reads(graph, stage, item.started), stage.roles()
     handles = {role: roles[role].at(_upstream(item, role, producers[role], spec, store, graph, placement))
-               for role in roles}
+               for role in producers}
     return stage.inputs(**handles)
+
+
+def _start(item: PlannedStage, store: ArtifactStore, graph: Graph) -> Artifact | None:
+    """The handle of the other run's artifact the stage starts from (ctx.start), its sha256 checked
+    first. It is that run's to rebuild, not this one's: damaged (moved aside) or gone, it is bad
+    input, and the next plan resolves to the newest intact one left."""
+    if not item.started:
+        return None
+    start = item.start
+    stage, fp = start.source
+    found = store.find(stage, fp, deep=True)
+    if found.record is None and found.damage:
+        with store.lock(stage, fp):
+            found = store.find(stage, fp, deep=True, repair=True)
+    if found.record is None:
+        what = f"damaged ({found.damage}), moved aside" if found.damage else f"no longer in {store.url}"
+        raise InputError(f"{item.name}: {start.field} resolved to {stage} artifact {fp} of run {start.run!r}, "
+                         f"which is {what}; run again to start from the newest intact one")
+    return graph.get(stage).output.at(store.materialize(stage, fp))
 
 
 def _upstream(item: PlannedStage, role: str, need: str, spec: RunSpec, store: ArtifactStore, graph: Graph,
@@ -304,33 +337,39 @@ def _upstream(item: PlannedStage, role: str, need: str, spec: RunSpec, store: Ar
     return store.materialize(need, up_fp)
 
 
-def _context(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, work: Path) -> RunContext:
-    """What the build gets besides its config and inputs."""
+def _context(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, work: Path,
+             start: Artifact | None = None) -> RunContext:
+    """What the build gets besides its config and inputs. Its lineage holds the records of the
+    stages above it and, under their spec field (e.g. "pretrain.from"), of the other runs'
+    artifacts it or they started from."""
     cfg, runtime, fields = stage_view(stage, spec)
     lineage = {}
-    for name, fp in item.ancestry.items():
-        record = store.load(name, fp)
+    sources = {**item.references, **{name: (name, fp) for name, fp in item.ancestry.items()}}
+    for name, (source_stage, fp) in sources.items():
+        record = store.load(source_stage, fp)
         if record is not None:
             lineage[name] = record
     return RunContext(
         work=work, trust_remote_code=spec.trust_remote_code, spec_path=spec.spec_path,
         resolved=dict(item.key.get("resolved", {})), fields=fields, runtime=runtime,
         resources=getattr(spec.resources, stage.name, None), executor=spec.executor if stage.uses_executor else None,
-        lineage=lineage, fetch=lambda name, rel: store.fetch_file(name, item.ancestry[name], rel),
+        lineage=lineage, start=start,
+        fetch=lambda name, rel: store.fetch_file(lineage[name].stage, lineage[name].fingerprint, rel)
+        if name in lineage else None,
     )
 
 
 def _build(item: PlannedStage, stage: Stage, spec: RunSpec, store: ArtifactStore, inputs: Any,
-           reason: str, lease: Lease | None) -> StageResult:
-    """Builds a stage into a fresh temp folder and publishes it, unless it lost its lease meanwhile
-    (LeaseLost: nothing published). Call with its lock and lease held."""
+           reason: str, lease: Lease | None, source: Artifact | None = None) -> StageResult:
+    """Builds a stage into a fresh temp folder and publishes it (`source`: ctx.start), unless it lost
+    its lease meanwhile (LeaseLost: nothing published). Call with its lock and lease held."""
     store.clear_stale_builds(item.name, item.fingerprint)
     work = store.work_dir(item.name, item.fingerprint)
     out = store.new_build_dir(item.name, item.fingerprint)
     log.info("%s: building %s (%s)", item.name, item.fingerprint, reason)
     start = time.perf_counter()
     try:
-        ctx = _context(item, stage, spec, store, work)
+        ctx = _context(item, stage, spec, store, work, source)
         cfg, _, _ = stage_view(stage, spec)
         keep_freed_memory()
         metrics = stage.build(cfg, inputs, out, ctx)

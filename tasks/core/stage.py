@@ -55,6 +55,9 @@ class RunContext:
     lineage: Mapping[str, ArtifactRecord] = field(default_factory=dict)
     # (stage, file in its artifact) -> a local copy of that file, for a stage in `lineage`.
     fetch: Callable[[str, str], Path | None] = lambda stage, rel: None
+    # The other run's artifact the stage starts from (its `start_from` field holds a run reference
+    # that resolved to one), on a local folder with its sha256 checked; keyed as resolved[field].
+    start: Artifact | None = None
 
     @property
     def device(self) -> str:
@@ -112,6 +115,12 @@ class Stage:
     uses_executor: bool = False
     # Modules it starts by name (not imported), e.g. the torchrun worker: in its code digest.
     also_runs: tuple[str, ...] = ()
+    # A spec field that may hold a run reference ({run: NAME}, data_specs/schema.py: RunRef): resolved
+    # when the run is planned (tasks/core/references.py), keyed as resolved[field], given as ctx.start.
+    start_from: str | None = None
+    # Roles it does not read when it starts from another run's artifact (they leave its key): the
+    # tokenizer copies that model's tokenizer instead of training one on the corpus.
+    unread_when_started: tuple[str, ...] = ()
     # Import names of libraries its code does not import but whose version changes its output
     # (used through another library: spaCy and xxhash inside datatrove's MinHash). The ones it
     # imports are found from its code.
@@ -127,10 +136,16 @@ class Stage:
         if self.inputs is None:
             return {}
         hints = typing.get_type_hints(self.inputs)
-        return {f.name: hints[f.name] for f in dataclasses.fields(self.inputs)}
+        return {f.name: _handle(hints[f.name]) for f in dataclasses.fields(self.inputs)}
 
     def key_fields(self, spec: Any = None) -> tuple[str, ...]:
         """Dotted spec fields outside its section that its key holds (for `spec`, with those of
         `fields_when` it turns on)."""
         extra = self.fields_when(spec) if self.fields_when is not None and spec is not None else ()
         return self.fields + tuple(extra) + (("executor.tasks",) if self.uses_executor else ())
+
+
+def _handle(hint: Any) -> type[Artifact]:
+    """The handle type of a role: `Documents | None` (a role left unread in some runs) is Documents."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)]
+    return kinds[0] if kinds else hint

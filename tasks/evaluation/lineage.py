@@ -16,12 +16,14 @@ NOT_HELD_OUT = "SFT, the reader and the train pairs never read a held-out docume
 
 
 def stage_rows(ctx: RunContext) -> list[dict[str, Any]]:
-    """Wall time, device and GPU-hours of every upstream stage, from its record."""
+    """Wall time, device and GPU-hours of every upstream stage, from its record, and of the other
+    run's artifact a warm start began from (under its spec field, e.g. pretrain.from)."""
     rows = []
     for name, record in ctx.lineage.items():
         device = record.key.get("resolved", {}).get("device", "cpu")
         gpus = record.metrics.get("processes", 1) if device == "cuda" else 0
-        rows.append({"stage": name, "fingerprint": record.fingerprint, "wall_s": record.wall_s,
+        label = name if name == record.stage else f"{name}: {record.stage} of run {record.run_name}"
+        rows.append({"stage": label, "fingerprint": record.fingerprint, "wall_s": record.wall_s,
                      "device": device, "gpu_hours": round(gpus * record.wall_s / 3600, 4) if gpus else None})
     return rows
 

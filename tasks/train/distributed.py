@@ -32,7 +32,9 @@ def launch(stage: str, run, cfg: KeyedView, inputs: Any, out: Path, ctx: RunCont
     job = ctx.work / "job.json"
     job.write_text(json.dumps({
         "stage": stage, "module": run.__module__, "section": _dump(cfg.unwrap()), "resources": _dump(ctx.resources),
-        "inputs": {f.name: str(getattr(inputs, f.name).path) for f in dataclasses.fields(inputs)},
+        "inputs": {f.name: str(getattr(inputs, f.name).path) for f in dataclasses.fields(inputs)
+                   if getattr(inputs, f.name) is not None},
+        "start": str(ctx.start.path) if ctx.start is not None else None,
         "out": str(out), "work": str(ctx.work), "spec_path": str(ctx.spec_path),
         "trust_remote_code": ctx.trust_remote_code, "resolved": dict(ctx.resolved), "fields": dict(ctx.fields)}))
     result = ctx.work / "result.json"

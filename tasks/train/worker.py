@@ -23,6 +23,7 @@ import torch.distributed as torch_dist
 from data_specs.errors import InputError
 from data_specs.views import KeyedView, RuntimeView
 from tasks.core.allocator import keep_freed_memory
+from tasks.core.artifacts import Model
 from tasks.core.stage import RunContext
 from tasks.train.loop import Dist
 
@@ -48,10 +49,13 @@ def main(job_path: str) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank)
     torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")  # gloo: CPU test path
-    inputs = stage.inputs(**{role: kind.at(Path(job["inputs"][role])) for role, kind in stage.roles().items()})
+    roles = stage.roles()
+    inputs = stage.inputs(**{role: roles[role].at(Path(path)) for role, path in job["inputs"].items()})
+    # A run reference names a pretrain or midtrain artifact: a model (tasks/core/references.py).
+    start = Model.at(Path(job["start"])) if job.get("start") else None
     ctx = RunContext(work=Path(job["work"]), trust_remote_code=job["trust_remote_code"], spec_path=Path(job["spec_path"]),
                      resolved=job["resolved"], fields=job["fields"], runtime=RuntimeView(section, stage.section, base),
-                     resources=resources)
+                     resources=resources, start=start)
     try:
         answer = {"metrics": module.run(KeyedView(section, stage.section, base), inputs, Path(job["out"]), ctx, dist)}
     except InputError as e:

@@ -158,3 +158,45 @@ def test_invalid_gates_name_file_field_and_reason(project, section, message):
         load_spec(path)
     assert str(path) in str(e.value)
     assert message in str(e.value)
+
+
+# ---------------------------------------------------------------- pretrain.from: a path or a run reference
+
+def test_pretrain_from_takes_a_path_or_a_run_reference(project):
+    from data_specs.schema import RunRef
+
+    assert project.load(pretrain={"from": "ckpt"}).pretrain.from_ == "ckpt"
+    ref = project.load(pretrain={"from": {"run": "nightly"}}).pretrain.from_
+    assert ref == RunRef(run="nightly", stage="pretrain", fallback="error")
+    full = project.load(pretrain={"from": {"run": "a.b-c_1", "stage": "midtrain", "fallback": "scratch"}})
+    assert full.pretrain.from_ == RunRef(run="a.b-c_1", stage="midtrain", fallback="scratch")
+    assert project.load().pretrain.from_ is None
+
+
+@pytest.mark.parametrize("value, words", [
+    ({"run": "nightly", "stage": "sft"}, ["stage", "'pretrain' or 'midtrain'"]),
+    ({"stage": "pretrain"}, ["run: NAME", "run", "Field required"]),
+    ({"run": "a/b"}, ["run", "should match pattern"]),
+    ({"run": "nightly", "fallback": "retry"}, ["fallback", "'scratch' or 'error'"]),
+    ({"run": "nightly", "runs": 2}, ["runs", "Extra inputs are not permitted"]),
+    (7, ["a checkpoint folder (a path) or a run reference"]),
+])
+def test_bad_run_references_name_the_field(project, value, words):
+    path = project.write(pretrain={"from": value})
+    with pytest.raises(InputError) as e:
+        load_spec(path)
+    message = str(e.value)
+    assert str(path) in message and "pretrain.from" in message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize("sections, field", [
+    ({"tokenizer": {"from": "tok"}}, "tokenizer.from"),
+    ({"eval": {"rag_generator": "base"}}, "eval.rag_generator"),
+])
+def test_a_run_reference_refuses_the_fields_it_contradicts(project, sections, field):
+    path = project.write(pretrain={"from": {"run": "nightly"}}, **sections)
+    with pytest.raises(InputError, match=field):
+        load_spec(path)
+    project.load(pretrain={"from": "ckpt"}, **sections)  # a checkpoint folder goes with either

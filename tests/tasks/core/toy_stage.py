@@ -2,7 +2,7 @@
 
 Reads:   documents.
 Writes:  documents/ (the rest, in datatrove's JSONL).
-Metrics: documents_in, documents_out, dropped.
+Metrics: documents_in, documents_out, dropped. (LINEAGE, below: a model reader reporting its ctx.lineage.)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core.artifacts import Documents
+from tasks.core.artifacts import Documents, Model
 from tasks.core.stage import Metrics, RunContext, Stage
 
 
@@ -41,3 +41,17 @@ def read_unkeyed(cfg, inputs: ToyInputs, out: Path, ctx: RunContext) -> Metrics:
 
 
 UNKEYED = Stage("unkeyed", read_unkeyed, output=Documents, inputs=ToyInputs, section="pretrain")
+
+
+@dataclass(frozen=True)
+class LineageInputs:
+    model: Model
+
+
+def report_lineage(cfg: None, inputs: LineageInputs, out: Path, ctx: RunContext) -> Metrics:
+    """What a stage below pretrain sees of its lineage: {name: "stage/fingerprint of run"}."""
+    (out / "seen.txt").write_text("\n".join(ctx.lineage))
+    return {"lineage": {name: f"{r.stage}/{r.fingerprint} of {r.run_name}" for name, r in ctx.lineage.items()}}
+
+
+LINEAGE = Stage("lineage", report_lineage, output=Documents, inputs=LineageInputs)
