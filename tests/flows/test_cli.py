@@ -81,8 +81,8 @@ def test_plan_json(built_store):
                                           "sft", "dpo", "index", "reader", "eval"]
     assert all(not r["cached"] and r["reason"] == "never built" for r in rows[2:])
     for row in rows[:2]:
-        assert set(row) == {"stage", "fingerprint", "cached", "reason", "path", "resolved"}
-        assert row["cached"] is True and row["reason"] is None
+        assert set(row) == {"stage", "fingerprint", "cached", "reason", "path", "resolved", "from"}
+        assert row["cached"] is True and row["reason"] is None and row["from"] is None
         assert Path(row["path"]) == artifacts(built_store)[row["stage"]]
 
 
