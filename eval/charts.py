@@ -9,18 +9,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-
 ROLE_COLOURS = {"answer": "#4477aa", "control": "#aaaaaa", "reference": "#ccbb44"}
+
+
+def _pyplot():
+    """matplotlib.pyplot, drawing to files only. Imported when a chart is drawn, not at the top:
+    importing it is slow, and planning a run imports this module (the quality and eval stages
+    import it) without drawing anything."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -35,7 +42,7 @@ def f1_chart(arms: dict[str, dict[str, Any]]) -> bytes:
     f1 = [_finite(arms[a]["f1"]) for a in names]
     lo = [_finite(arms[a]["f1_ci"][0]) if arms[a]["f1_ci"][0] is not None else f for a, f in zip(names, f1)]
     hi = [_finite(arms[a]["f1_ci"][1]) if arms[a]["f1_ci"][1] is not None else f for a, f in zip(names, f1)]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = _pyplot().subplots(figsize=(7, 3.2))
     ax.bar(names, f1, yerr=[[max(0.0, f - l) for f, l in zip(f1, lo)], [max(0.0, h - f) for f, h in zip(f1, hi)]],
            capsize=4, color=[ROLE_COLOURS.get(arms[a].get("role", "answer"), "#4477aa") for a in names])
     ax.set_ylabel("token F1 (95% CI)")
@@ -61,7 +68,7 @@ def read_curve(path: Path) -> tuple[list[float], list[float], list[float], list[
 
 def loss_chart(curves: dict[str, Path]) -> bytes:
     """One panel per training stage: train and validation loss against optimizer steps."""
-    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(3.2 * max(1, len(curves)), 2.8), squeeze=False)
+    fig, axes = _pyplot().subplots(1, max(1, len(curves)), figsize=(3.2 * max(1, len(curves)), 2.8), squeeze=False)
     for ax, (stage, path) in zip(axes[0], curves.items()):
         steps, train, vsteps, val = read_curve(path)
         ax.plot(steps, train, label="train", lw=1)
@@ -87,7 +94,7 @@ def length_chart(lengths: dict[str, Any]) -> bytes:
     labels = [_bin_label(lo, hi) for lo, hi in zip([0, *edges], [*edges, None])]
     stages = lengths["stages"]
     width = 0.8 / max(1, len(stages))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = _pyplot().subplots(figsize=(7, 3.2))
     for i, (stage, counts) in enumerate(stages.items()):
         ax.bar([x + i * width for x in range(len(labels))], counts, width=width, label=f"after {stage}")
     ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(labels))], labels, rotation=30, fontsize=8)

@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest, norm
 
 NAN = float("nan")
 # Resamples x clusters per block of drawn clusters (2M: 8 MB of int32, 16 MB per float array):
@@ -253,6 +252,8 @@ def min_detectable_difference(diffs: Sequence[float], clusters: Sequence[str | N
     """
     if not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
         raise ValueError(f"alpha and power must lie strictly between 0 and 1, not {alpha} and {power}")
+    from scipy.stats import norm  # imported here: scipy.stats is slow to import, and planning a run needs none of it
+
     return float((norm.ppf(1.0 - alpha / 2.0) + norm.ppf(power)) * clustered_standard_error(diffs, clusters))
 
 
@@ -284,4 +285,6 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     if only_a + only_b == 0:
         return 1.0
+    from scipy.stats import binomtest  # imported here, as above
+
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)

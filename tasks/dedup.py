@@ -15,27 +15,18 @@ resumes from the steps it finished. Which document of a duplicate set is kept is
 choice (the first seen for exact, the cluster root for MinHash).
 """
 
+from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+# Only datatrove's data model and step base class (cheap) are imported here; its readers, writers
+# and dedup steps are imported where a pipeline is built: they are slow to import (datatrove.io
+# brings in huggingface_hub), and planning a run imports this module without running it.
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup.exact_dedup import (
-    ExactDedupConfig,
-    ExactDedupFilter,
-    ExactDedupSignature,
-    ExactFindDedups,
-)
-from datatrove.pipeline.dedup.minhash import (
-    MinhashConfig,
-    MinhashDedupBuckets,
-    MinhashDedupCluster,
-    MinhashDedupFilter,
-    MinhashDedupSignature,
-)
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
 
 from data_specs.schema import DedupSpec, ExecutorSpec, NearDedupSpec
 from tasks.core.artifacts import Documents
@@ -43,6 +34,11 @@ from tasks.core.files import link_tree
 from tasks.core.jsonl import json_line, read_jsonl, write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.data.engine import run_pipeline, step_counts
+
+if TYPE_CHECKING:
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
 
 MAX_HASHES = 128  # bands x rows; datatrove's default is 14 x 8 = 112
 
@@ -63,6 +59,8 @@ def lsh_bands(threshold: float) -> tuple[int, int]:
 
 def minhash_config(near: NearDedupSpec) -> MinhashConfig:
     """datatrove's MinHash settings for a spec's near-dedup section."""
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
     bands, rows = lsh_bands(near.threshold)
     return MinhashConfig(n_grams=near.ngrams, num_buckets=bands, hashes_per_bucket=rows, seed=near.seed)
 
@@ -110,10 +108,14 @@ class KeyIndex(PipelineStep):
 
 
 def _reader(folder: Path) -> JsonlReader:
+    from datatrove.pipeline.readers import JsonlReader
+
     return JsonlReader(str(folder), glob_pattern="*.jsonl.gz", add_file_path=False)
 
 
 def _writer(folder: Path) -> JsonlWriter:
+    from datatrove.pipeline.writers import JsonlWriter
+
     return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz")
 
 
@@ -137,6 +139,13 @@ def _removed(folder: Path, key_of, kept: dict[str, str], kind: str) -> list[dict
 
 def exact_dedup(source: Path, work: Path, executor: ExecutorSpec) -> tuple[Path, list[dict[str, str]], int]:
     """datatrove's three exact-dedup steps; returns (kept folder, removed rows, documents in)."""
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+
     config = ExactDedupConfig(content_getter=document_text)
     root = work / "exact"
     stats = run_pipeline([_reader(source), ExactDedupSignature(str(root / "sigs"), config)],
@@ -153,6 +162,13 @@ def exact_dedup(source: Path, work: Path, executor: ExecutorSpec) -> tuple[Path,
 
 def near_dedup(cfg: DedupSpec, source: Path, work: Path, executor: ExecutorSpec) -> tuple[Path, list[dict[str, str]], int]:
     """datatrove's four MinHash steps; returns (kept folder, removed rows, documents in)."""
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+
     config = minhash_config(cfg.near.unwrap())
     root = work / "minhash"
     stats = run_pipeline([_reader(source), MinhashDedupSignature(str(root / "sigs"), config, language=cfg.language)],

@@ -17,13 +17,14 @@ import re
 import unicodedata
 from pathlib import Path
 
-from datatrove.data import Document, DocumentsPipeline
+# Only datatrove's step base class is imported here (cheap); its writer and the ingest filter
+# (tasks/data/ingest_filter.py) are imported in `build`: they are slow to import, and planning a
+# run imports this module without running it.
+from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.writers import JsonlWriter
 
 from data_specs.errors import InputError
-from data_specs.schema import CorpusSpec, Filters, JsonlSource, RunSpec, Source
+from data_specs.schema import CorpusSpec, JsonlSource, RunSpec, Source
 from tasks.core.artifacts import Documents
 from tasks.core.files import link_tree
 from tasks.core.fingerprint import file_digest
@@ -66,37 +67,6 @@ class Normalize(PipelineStep):
             yield doc
 
 
-class IngestFilter(BaseFilter):
-    """Drops unreadable records and documents outside the length bounds, with a reason each;
-    also counts read and kept documents per source."""
-
-    name = "gristmill ingest filter"
-
-    def __init__(self, filters: Filters, rejects: Path):
-        super().__init__(exclusion_writer=JsonlWriter(str(rejects), output_filename="${rank}.jsonl.gz"))
-        self.filters = filters
-
-    def _verdict(self, doc: Document) -> bool | tuple[bool, str]:
-        if "reject" in doc.metadata:
-            return False, doc.metadata.pop("reject")
-        if not doc.text:
-            return False, "empty_text"
-        if len(doc.text) < self.filters.min_chars:
-            return False, "too_short"
-        if len(doc.text) > self.filters.max_chars:
-            return False, "too_long"
-        return True
-
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        source = doc.metadata.get("source", "?").split(":", 1)[0]
-        verdict = self._verdict(doc)
-        self.stat_update(f"read_source_{source}")
-        if verdict is True:
-            self.stat_update(f"kept_source_{source}")
-            self.stat_update(f"chars_source_{source}", value=len(doc.text))
-        return verdict
-
-
 def _source_inputs(sources: tuple[Source, ...], spec_path: Path) -> list[tuple[int, Source, list[SourceFile]]]:
     """Every source with its files (python_docs has none until it is generated)."""
     return [(i, src, source_files(spec_path, i, src)) for i, src in enumerate(sources)]
@@ -122,6 +92,10 @@ def external_inputs(spec: RunSpec) -> dict[str, str]:
 
 def build(cfg: CorpusSpec, inputs: None, out: Path, ctx: RunContext) -> Metrics:
     """Reads every source through datatrove and writes the kept documents and the rejects."""
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from tasks.data.ingest_filter import IngestFilter
+
     work = ctx.work
     sources = _source_inputs(tuple(s.unwrap() for s in cfg.sources), ctx.spec_path)
     filters = cfg.filters.unwrap()

@@ -23,10 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
+from typing import TYPE_CHECKING, Any
 
 from data_specs.errors import InputError
 from data_specs.schema import QualitySpec, Section, filter_label, filter_parameter
@@ -37,7 +34,12 @@ from tasks.core.jsonl import write_jsonl
 from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.data.card import FilterRun, Tallied, data_card, filter_table, removed_rows
 from tasks.data.engine import StepCounts, run_pipeline, step_counts
-from tasks.data.quality_filters import CountingPII, Tally, make_filter
+
+# datatrove's readers, writers and filters (and tasks/data/quality_filters.py, built on them) are
+# imported where the pipeline is built: they are slow to import, and planning a run imports this
+# module without running it.
+if TYPE_CHECKING:
+    from datatrove.pipeline.writers import JsonlWriter
 
 NAME = "quality"
 
@@ -48,12 +50,18 @@ class QualityInputs:
 
 
 def _writer(folder: Path) -> JsonlWriter:
+    from datatrove.pipeline.writers import JsonlWriter
+
     return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz")
 
 
 def steps(cfg: QualitySpec, specs: list[Section], source: Path, work: Path) -> list:
     """read, tally, the filters (each with its exclusion writer), PII, tally, write. The filters
     are steps 2 .. 2 + len(specs) - 1, PII the next; the tallies are steps 1 and -2."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    from tasks.data.quality_filters import CountingPII, Tally, make_filter
+
     out: list = [JsonlReader(str(source), glob_pattern="*.jsonl*", add_file_path=False), Tally()]
     for spec in specs:
         out.append(make_filter(spec, cfg.language, _writer(work / "removed" / filter_label(spec))))

@@ -31,7 +31,6 @@ import ast
 import contextlib
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import sys
@@ -118,14 +117,16 @@ def tree_digest(root: Path) -> str:
 
 
 def _module_file(name: str) -> Path | None:
-    """Source file of a gristmill module, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        return None
-    return Path(spec.origin)
+    """Source file of a gristmill module, found by path, importing nothing. importlib.util.find_spec
+    would import the parent packages, and the walk also tries names that are not modules
+    (`from tasks.data.quality_filters import Tally` gives tasks.data.quality_filters.Tally), whose
+    parent is a module: it would be imported, with the slow libraries it imports at its top, which
+    planning a run otherwise never imports (tests/tasks/test_registry.py)."""
+    base = _repository_root().joinpath(*name.split("."))
+    for path in (base.parent / f"{base.name}.py", base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:

@@ -18,7 +18,6 @@ from typing import Any
 
 from tasks.core.artifacts import iter_documents
 from tasks.core.store import ArtifactRecord
-from tasks.data.quality_filters import LENGTH_EDGES
 
 EXAMPLES = 10  # removed documents shown per filter: the longest (their loss costs the most text)
 FIRST_LINE_CHARS = 120
@@ -36,6 +35,10 @@ class Tallied:
     @classmethod
     def from_counts(cls, counts: Mapping[str, float]) -> Tallied:
         """From the merged counters of one Tally step (tasks/data/quality_filters.py)."""
+        # Imported here, not at the top: quality_filters imports datatrove's filters (slow), and
+        # planning a run imports this module (through tasks/quality.py) without building a card.
+        from tasks.data.quality_filters import LENGTH_EDGES
+
         sources: dict[str, dict[str, int]] = {}
         for key, value in counts.items():
             for what in ("documents", "chars"):
@@ -113,6 +116,8 @@ def _ingest_sources(lineage: Mapping[str, ArtifactRecord]) -> tuple[str | None, 
 def data_card(stage: str, input_stage: str, lineage: Mapping[str, ArtifactRecord], tin: Tallied, tout: Tallied,
               filters: list[dict[str, Any]], pii: dict[str, int] | None) -> dict[str, Any]:
     """The card (data_card.json): stages, sources, filters, lengths and PII, as plain JSON data."""
+    from tasks.data.quality_filters import LENGTH_EDGES  # imported here: see Tallied.from_counts
+
     stages = [{"stage": name, "documents": r.metrics["documents_out"], "chars": r.metrics.get("chars_out")}
               for name, r in lineage.items() if "documents_out" in r.metrics and name != input_stage]
     stages += [{"stage": input_stage, "documents": tin.documents, "chars": tin.chars},

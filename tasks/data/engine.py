@@ -25,13 +25,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.base import PipelineStep
-from loguru import logger as loguru_logger
+from typing import TYPE_CHECKING
 
 from data_specs.errors import InputError, StageError
 from data_specs.schema import ExecutorSpec
+
+if TYPE_CHECKING:
+    from datatrove.pipeline.base import PipelineStep
 
 log = logging.getLogger("gristmill")
 
@@ -43,6 +43,10 @@ def run_pipeline(
 ) -> StepCounts:
     """Runs one datatrove pipeline to completion (skipping ranks a killed run finished) and
     returns the merged per-rank stats of every rank, including those done earlier."""
+    # loguru and datatrove are imported where used, not at the top: planning a run imports the
+    # data stages, which import this module, and needs neither.
+    from loguru import logger as loguru_logger
+
     logs = work / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     tasks = executor.tasks if tasks is None else tasks
@@ -71,6 +75,8 @@ def run_pipeline(
 def _executor(pipeline: Sequence[PipelineStep], logs: Path, executor: ExecutorSpec, tasks: int):
     """The datatrove executor the spec asks for."""
     if executor.kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
         return LocalPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=min(executor.workers, tasks),
                                      logging_dir=str(logs), skip_completed=True)
     if executor.kind == "ray":

@@ -1,6 +1,7 @@
 """Cache keys: the same/different table for every stage, the stale-key cases, code tracking,
 and the reasons `plan` gives."""
 
+import ast
 import importlib.metadata
 import os
 import shutil
@@ -250,6 +251,19 @@ def test_libraries_come_from_what_the_code_imports():
         assert dist in libs, dist
     assert "prefect" not in lib_versions({"prefect"})
     assert lib_versions({"not_a_module_anywhere"}) == {"not_a_module_anywhere": "absent"}
+
+
+def test_imports_inside_functions_still_enter_the_key():
+    """Slow libraries are imported where they are used, so planning a run does not import them
+    (tests/tasks/test_registry.py); the code walk must still see them, or upgrading one would
+    reuse a stale artifact."""
+    source = ("import json\nif TYPE_CHECKING:\n    from faiss import Index\n"
+              "def chart():\n    import matplotlib.pyplot as plt\n    from scipy.stats import norm\n")
+    names = fingerprint._imported_names(ast.parse(source), "eval.example", is_package=False)
+    assert {"json", "faiss", "matplotlib.pyplot", "scipy.stats"} <= names
+    assert "scipy" in code_closure("eval.stats")[1]  # imported in two functions only
+    modules, libs = code_closure("tasks.ingest")  # its filter and datatrove's writer: in `build`
+    assert "tasks.data.ingest_filter" in modules and "datatrove" in libs
 
 
 @pytest.mark.parametrize("stage, field", [
