@@ -17,9 +17,10 @@ from tests.tasks.test_pretrain import FAST_PRETRAIN, run_until, tiny_project
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("resources", [{}, {"pretrain": {"gpus": 2, "strategy": "fsdp"}}], ids=["single", "fsdp"])
-def test_killed_pretrain_resumes_from_its_checkpoint(tmp_path, resources):
-    extra = {"resources": resources} if resources else {}
+def test_killed_fsdp_pretrain_resumes_from_its_checkpoint(tmp_path):
+    """Two torchrun processes under FSDP, killed after a checkpoint, resume to where a clean run
+    ends. (One process killed through the CLI is tests/reliability/test_kill.py's pretrain trial.)"""
+    extra = {"resources": {"pretrain": {"gpus": 2, "strategy": "fsdp"}}}
     clean = run_until(tiny_project(tmp_path / "clean", **extra), "pretrain")["pretrain"].record.metrics
 
     factory = tiny_project(tmp_path / "killed", **extra)
