@@ -9,9 +9,12 @@ import logging
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,11 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gristmill-prefect-")
 # 2-core machine under other test runs (BENCHMARKS.md, Prefect's overhead) and 29 min in-process
 # at a load average of 9, far past pytest's 600 s default. The same hour four_runs allows.
 TINY_STORE_TIMEOUT_S = 3600
+# A `gristmill run` that builds anything without a Prefect server (PREFECT_API_URL unset) starts
+# Prefect's temporary one: ~11 s of each such CLI run on 2 cores (26 s vs 15 s for `--until
+# ingest`), and the suite has dozens. A session of end-to-end tests starts one server, as a team
+# runs one, and points every process at it; the tests of the temporary-server path unset it.
+SERVER_STARTUP_TIMEOUT_S = 180
 
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "gu", "ba", "fe", "zo", "hy", "wa", "qi"]
@@ -173,6 +181,54 @@ def tiny_store(request, tmp_path_factory) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
         execute(item, run.spec, run.store)
     return store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
+    """One Prefect server for a session that runs end-to-end (`slow`) tests, with
+    PREFECT_API_URL set for this process and the CLI subprocesses it starts (None otherwise:
+    a run then starts Prefect's temporary server, which is slower, not different). Its log
+    is in the session's temp folder; a server that does not come up fails the session."""
+    if not any(item.get_closest_marker("slow") for item in request.session.items):
+        yield None
+        return
+    log = tmp_path_factory.mktemp("prefect-server") / "server.log"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"the tests' Prefect server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no healthy Prefect server after {SERVER_STARTUP_TIMEOUT_S} s"
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = api
+        yield api
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

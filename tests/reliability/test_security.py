@@ -180,10 +180,12 @@ GRISTMILL = [sys.executable, "-m", "flows.cli"]
 
 
 def isolated_env(root: Path, **extra: str) -> dict[str, str]:
-    """The environment of a CLI run whose every side file lands under `root`."""
+    """The environment of a CLI run whose every side file lands under `root` (its Prefect home
+    and temporary server too: not the session's shared server)."""
     for name in ("prefect", "tmp", "hf", "home"):
         (root / name).mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "PREFECT_HOME": str(root / "prefect"), "TMPDIR": str(root / "tmp"),
+    inherited = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**inherited, "PREFECT_HOME": str(root / "prefect"), "TMPDIR": str(root / "tmp"),
             "HOME": str(root / "home"), "HF_HOME": str(root / "hf"), "HF_MODULES_CACHE": str(root / "hf" / "modules"),
             "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO", **extra}
 

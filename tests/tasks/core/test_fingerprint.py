@@ -390,3 +390,27 @@ def test_force_marks_the_stage_and_its_dependents(project):
     assert rows["dedup"].reason.startswith("forced upstream")
     rows = {r.name: r for r in plan(spec, project.store, force=["dedup"])}
     assert rows["ingest"].cached and not rows["dedup"].cached
+
+
+def test_a_spurious_ast_recursion_error_is_retried_and_a_real_one_is_not(tmp_path, monkeypatch):
+    """CPython 3.11's AST constructor can fail spuriously when threads parse at once (gh-106905):
+    the fingerprint's parse retries that error, and only that one."""
+    path = tmp_path / "m.py"
+    path.write_text("import os\n")
+    real, calls = ast.parse, []
+
+    def flaky(source, filename="<unknown>"):
+        calls.append(filename)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=60, after=78)")
+        return real(source, filename=filename)
+
+    monkeypatch.setattr(fingerprint.ast, "parse", flaky)
+    assert isinstance(fingerprint.parse_source(path), ast.Module) and len(calls) == 2
+
+    def broken(source, filename="<unknown>"):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(fingerprint.ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        fingerprint.parse_source(path)
