@@ -184,6 +184,7 @@ def tiny_store(request, tmp_path_factory) -> Path:
 
 
 def free_port() -> int:
+    """A port nobody listens on now (chosen by the OS; the caller's server binds it moments later)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -10,7 +10,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.tasks.data.test_engine_ray import build_data_stages, corpus
 
 ray = pytest.importorskip("ray")
@@ -48,13 +47,6 @@ class Node:
 class Cluster:
     address: str  # host:port of the head, what RAY_ADDRESS holds
     nodes: list[Node]
-
-
-def free_port() -> int:
-    """A port nobody listens on now (chosen by the OS; Ray binds it moments later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Looked up here, not in the forked child, which must not load libraries. Linux only (glibc).
