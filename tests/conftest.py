@@ -1,12 +1,14 @@
 """Shared fixtures: small specs written into a temp folder, a store beside them, one finished
 tiny.yaml store per session for the tests that need every stage (reliability, the run report,
-gates), a moto S3 server, and the "gristmill" log."""
+gates, and `seed_store` for end-to-end runs that need only some), a moto S3 server, and the
+"gristmill" log."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import posixpath
 import random
 import shutil
 import socket
@@ -278,3 +280,27 @@ def s3_client(env: dict[str, str]):
 
     return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
+def seed_store(tiny_store: Path, dest: str | Path, stages: set[str], s3_env: dict[str, str] | None = None) -> None:
+    """Copies the finished artifacts of `stages` from `tiny_store` into the store `dest`: a folder,
+    or an s3://bucket/prefix URL on the server of `s3_env` (every file under the same relative key).
+
+    A stage's fingerprint is planned from code, spec and its upstream stages' fingerprints, not
+    from their bytes, so a run of tiny.yaml on `dest` finds the copies Cached and builds the other
+    stages on top of them: an end-to-end test pays for the stages it is about, not for all of
+    tiny's training. The copies keep the keys `tiny_store` was planned with, this machine's device
+    among them (a GPU stage's key holds it): a run planned for another device rebuilds them."""
+    for stage in stages:
+        records = list((tiny_store / stage).glob("*/artifact.json"))
+        assert len(records) == 1, f"{tiny_store / stage}: {len(records)} finished artifacts, expected one"
+        folder = records[0].parent
+        if not str(dest).startswith("s3://"):
+            shutil.copytree(folder, Path(dest) / stage / folder.name)
+            continue
+        bucket, _, prefix = str(dest).removeprefix("s3://").partition("/")
+        client = s3_client(s3_env)
+        # The record last, as a publication writes it: until then a reader sees no artifact.
+        for path in sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p == records[0]):
+            key = posixpath.join(prefix, stage, folder.name, path.relative_to(folder).as_posix())
+            client.upload_file(str(path), bucket, key)

@@ -2,6 +2,12 @@
 nightly deployment running the GPU stages as flow runs of the stage deployment on the GPU pool,
 one shared store, and a rerun that finds every stage Cached. Plus the Kubernetes GPU template.
 
+The shared store starts seeded from the session's tiny store (tests/conftest.py `seed_store`)
+with every stage but one data stage and two GPU stages: fingerprints come from code, spec and
+upstream fingerprints, so the seeded stages are Cached, and the nightly builds qa in its own flow
+run and dpo and eval as flow runs on the GPU pool. That is what these tests are about; building
+all of tiny's training through the pools again (each GPU stage a new process) took 200-250 s.
+
 The server test starts everything it uses (server, workers) as subprocesses with their own
 PREFECT_HOME and stops them, even when it fails. The workers run flows from a snapshot of this
 checkout (their GRISTMILL_HOME), as each machine of a team runs its own checkout; it also keeps
@@ -25,16 +31,25 @@ from typing import Any
 
 import pytest
 
+from tasks.core.keys import local_device
 from tasks.registry import PIPELINE
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_STORE_TIMEOUT_S, seed_store
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TEMPLATE = REPO / "deploy" / "k8s-gpu-base-job-template.json"
 NIGHTLY, STAGE_DEPLOYMENT = "gristmill-pipeline/nightly", "gristmill-stage/gpu"
 STAGES = PIPELINE.names()
 GPU = set(PIPELINE.gpu_stages())
+# What the nightly builds on the seeded store: a cheap data stage in the pipeline's own flow run,
+# and the two cheapest GPU stages (3 s and 5 s in tiny) as flow runs on the GPU pool.
+BUILT_HERE, BUILT_ON_GPU_POOL = {"qa"}, {"dpo", "eval"}
+SEEDED = set(STAGES) - BUILT_HERE - BUILT_ON_GPU_POOL
+# The GPU pool's worker runs on this machine, so its stages run on this machine's device: the
+# one the session's tiny store was built for, whose keys the seeded artifacts carry.
+GPU_DEVICE = local_device()
 # The nightly run through the pools took 314-599 s on the 2-core machine while other test runs
-# shared it (load average 5-10); the limit leaves room for a busier machine, not a hang.
+# shared it (load average 5-10), building every stage; the limit leaves room for a busier
+# machine, not a hang.
 RUN_TIMEOUT_S = 900
 
 
@@ -204,8 +219,8 @@ def trigger_nightly(store: Path) -> Any:
     from prefect.deployments import run_deployment
 
     return run_deployment(NIGHTLY, parameters={"spec_path": "data_specs/tiny.yaml", "store": str(store),
-                                               "gpu_deployment": STAGE_DEPLOYMENT, "gpu_device": "cpu"},
-                          timeout=0)  # the test machine's GPU pool has no GPU
+                                               "gpu_deployment": STAGE_DEPLOYMENT, "gpu_device": GPU_DEVICE},
+                          timeout=0)
 
 
 def task_runs(flow_run_id) -> list:
@@ -234,9 +249,10 @@ class NightlyRun:
 
 
 @pytest.fixture(scope="module")
-def nightly(team, tmp_path_factory) -> NightlyRun:
-    """Two nightly runs of tiny.yaml triggered together on a fresh store, both waited for."""
+def nightly(team, tiny_store, tmp_path_factory) -> NightlyRun:
+    """Two nightly runs of tiny.yaml triggered together on a store seeded with SEEDED, both waited for."""
     store = tmp_path_factory.mktemp("shared") / "store"
+    seed_store(tiny_store, store, SEEDED)
     start = time.monotonic()
     runs = wait_final([trigger_nightly(store).id, trigger_nightly(store).id], team)
     done = sorted(runs, key=lambda r: r.state.is_cancelled())
@@ -244,19 +260,22 @@ def nightly(team, tmp_path_factory) -> NightlyRun:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_nightly_runs_gpu_stages_on_the_gpu_pool(team, nightly):
+    assert BUILT_ON_GPU_POOL <= GPU and not BUILT_HERE & GPU, GPU
     assert nightly.flow_run.state.is_completed(), f"{nightly.flow_run.state}\n{team.logs()}"
-    print(f"\nnightly run of tiny.yaml through the pools: {nightly.seconds:.0f} s")
+    print(f"\nnightly run of tiny.yaml through the pools, {len(SEEDED)} stages seeded: {nightly.seconds:.0f} s")
     for stage in STAGES:
         assert list((nightly.store / stage).glob("*/artifact.json")), f"no {stage} artifact"
 
-    # The data stages ran in the pipeline's own flow run; each GPU stage as a child flow run of
-    # the stage deployment, on the GPU pool, linked to a task run of the pipeline's flow run.
+    # The seeded stages are Cached task runs of the pipeline's own flow run and the data stage it
+    # built a Completed one; each GPU stage it built ran as a child flow run of the stage
+    # deployment instead, on the GPU pool, linked to a task run of the pipeline's flow run.
     own = task_runs(nightly.flow_run.id)
-    assert {r.name for r in own if r.state.name == "Completed"} >= set(STAGES) - GPU
+    assert {r.name: r.state.name for r in own if r.name in {*STAGES, "report"}} == {
+        **{s: "Cached" for s in SEEDED}, **{s: "Completed" for s in BUILT_HERE}, "report": "Completed"}
     children = stage_flow_runs()
-    assert sorted(c.parameters["stage"] for c in children) == sorted(GPU)
+    assert sorted(c.parameters["stage"] for c in children) == sorted(BUILT_ON_GPU_POOL)
     assert {c.work_pool_name for c in children} == {"gristmill-gpu"}
     assert all(c.state.is_completed() for c in children)
     assert {c.parent_task_run_id for c in children} <= {r.id for r in own}
@@ -274,14 +293,14 @@ def test_nightly_runs_gpu_stages_on_the_gpu_pool(team, nightly):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_nightly_runs_never_overlap(team, nightly):
     assert nightly.twin.state.is_cancelled(), nightly.twin.state
     assert "concurrency limit" in (nightly.twin.state.message or "")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_rerun_finds_every_stage_cached_without_the_gpu_pool(team, nightly):
     before = len(stage_flow_runs())
     (rerun,) = wait_final([trigger_nightly(nightly.store).id], team)
@@ -334,11 +353,11 @@ def gristmill_cli(team: Team, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_cli_reruns_one_gpu_stage_through_the_stage_deployment(team, nightly):
     before = {c.id for c in stage_flow_runs()}
     proc = gristmill_cli(team, "run", "data_specs/tiny.yaml", "--store", str(nightly.store), "--only", "dpo",
-                         "--force", "dpo", "--gpu-deployment", STAGE_DEPLOYMENT, "--gpu-device", "cpu")
+                         "--force", "dpo", "--gpu-deployment", STAGE_DEPLOYMENT, "--gpu-device", GPU_DEVICE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dpo  built" in proc.stdout, proc.stdout
     (new,) = [c for c in stage_flow_runs() if c.id not in before]
@@ -346,9 +365,9 @@ def test_cli_reruns_one_gpu_stage_through_the_stage_deployment(team, nightly):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
 def test_cli_with_an_unknown_gpu_deployment_exits_2_before_running(team, nightly):
     proc = gristmill_cli(team, "run", "data_specs/tiny.yaml", "--store", str(nightly.store), "--only", "sft",
-                         "--force", "sft", "--gpu-deployment", "gristmill-stage/nowhere", "--gpu-device", "cpu")
+                         "--force", "sft", "--gpu-deployment", "gristmill-stage/nowhere", "--gpu-device", GPU_DEVICE)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "gristmill-stage/nowhere: no such deployment" in proc.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from tasks.registry import PIPELINE
-from tests.conftest import REPO
+from tests.conftest import REPO, seed_store
 
 STAGES = tuple(PIPELINE.names())
 # Stages whose output depends only on their inputs: a rerun after a kill must give the same bytes.
@@ -40,9 +39,7 @@ class Golden:
 
     def seed_store(self, store: Path, stages: set[str]) -> None:
         """Copies the golden artifacts of `stages` into a fresh store."""
-        for stage in stages:
-            src = self.store / stage / self.fingerprint(stage)
-            shutil.copytree(src, store / stage / src.name)
+        seed_store(self.store, store, stages)
 
 
 def needs(stage: str) -> set[str]:
