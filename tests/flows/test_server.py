@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import pytest
 
 from tasks.core.keys import local_device
 from tasks.registry import PIPELINE
-from tests.conftest import REPO, TINY_STORE_TIMEOUT_S, seed_store
+from tests.conftest import REPO, TINY_STORE_TIMEOUT_S, free_port, seed_store
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TEMPLATE = REPO / "deploy" / "k8s-gpu-base-job-template.json"
@@ -101,12 +100,6 @@ def test_k8s_gpu_template_variables_are_valid_json_schema():
 
 
 # ---------------------------------------------------------------- a real server, pools, workers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def snapshot_checkout(dest: Path) -> Path:
     """The files of this checkout (tracked and untracked, not ignored) copied to `dest`."""
