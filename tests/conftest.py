@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(api: str, proc: subprocess.Popen, timeout: float, logs: Callable[[], str]) -> None:
+    """Waits until the Prefect server `proc` started answers on `api`; fails with its `logs()`
+    if it exits or is not healthy after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the Prefect server exited:\n{logs()}"
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no healthy Prefect server after {timeout} s\n{logs()}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
     """One Prefect server for a session that runs end-to-end (`slow`) tests, with
@@ -212,16 +227,7 @@ def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
                                  "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"the tests' Prefect server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no healthy Prefect server after {SERVER_STARTUP_TIMEOUT_S} s"
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(api, proc, SERVER_STARTUP_TIMEOUT_S, lambda: log.read_text()[-3000:])
         os.environ["PREFECT_API_URL"] = api
         yield api
     finally:

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import pytest
 
 from tasks.core.keys import local_device
 from tasks.registry import PIPELINE
-from tests.conftest import REPO, TINY_STORE_TIMEOUT_S, free_port, seed_store
+from tests.conftest import REPO, TINY_STORE_TIMEOUT_S, free_port, seed_store, wait_healthy
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TEMPLATE = REPO / "deploy" / "k8s-gpu-base-job-template.json"
@@ -153,19 +152,6 @@ class Team:
                 proc.wait()
 
 
-def wait_healthy(team: Team, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert team.procs["server"].poll() is None, team.logs()
-        try:
-            with urllib.request.urlopen(f"{team.api}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"no healthy server after {timeout} s\n{team.logs()}")
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory) -> Iterator[Team]:
     """A Prefect server, the CPU and GPU process pools, `prefect deploy --all`, and one worker per pool."""
@@ -183,7 +169,7 @@ def team(tmp_path_factory) -> Iterator[Team]:
     t = Team(root, env, api, checkout)
     try:
         t.start("server", PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        wait_healthy(t)
+        wait_healthy(api, t.procs["server"], 120, t.logs)
         t.prefect(["work-pool", "create", "gristmill-cpu", "--type", "process"],
                   ["work-pool", "create", "gristmill-gpu", "--type", "process"])
         t.start("worker-cpu", PREFECT, "worker", "start", "--pool", "gristmill-cpu")
