@@ -110,16 +110,22 @@ def test_two_workers_racing_for_one_fingerprint_build_it_once(store_url, tmp_pat
     assert list_leases(store) == []  # released after publishing
 
 
-def test_a_killed_holder_elsewhere_is_taken_over_after_its_expiry(store_url, tmp_path, gristmill_log):
-    worker = start_worker(store_url, "f2", tmp_path / "machine", "--expiry", "2", "--build-s", "600", "--elsewhere")
+def take_over_after_kill(url: str, fp: str, machine: Path, expiry: int, *flags: str) -> tuple[str, int, str, float, ArtifactStore]:
+    """A worker takes the lease of `fp` and is SIGKILLed mid-build; then this process builds `fp`.
+    (the killed owner, its pid, the build's state, seconds this process waited, the store)."""
+    worker = start_worker(url, fp, machine, "--expiry", str(expiry), "--build-s", "600", *flags)
     owner = holding(worker)
     worker.send_signal(signal.SIGKILL)
     worker.communicate(timeout=30)
-    store = ArtifactStore(store_url)
+    store = ArtifactStore(url)
     start = time.monotonic()
-    state = build_once(store, STAGE, "f2", LeaseSpec(expiry_s=2), ready=ready(store, "f2"),
-                       build=lambda held: publish_stub(store, "f2", held), clear_hint="-")
-    waited = time.monotonic() - start
+    state = build_once(store, STAGE, fp, LeaseSpec(expiry_s=expiry), ready=ready(store, fp),
+                       build=lambda held: publish_stub(store, fp, held), clear_hint="-")
+    return owner, worker.pid, state, time.monotonic() - start, store
+
+
+def test_a_killed_holder_elsewhere_is_taken_over_after_its_expiry(store_url, tmp_path, gristmill_log):
+    owner, _, state, waited, store = take_over_after_kill(store_url, "f2", tmp_path / "machine", 2, "--elsewhere")
     # Renewed every 0.5 s until killed, the lease expires 2 s after its last heartbeat.
     assert state == "built" and 1.0 < waited < 10, waited
     assert f"took over the lease {objects_of(store).location(lease_rel(STAGE, 'f2'))} from host" in gristmill_log.text
@@ -129,18 +135,10 @@ def test_a_killed_holder_elsewhere_is_taken_over_after_its_expiry(store_url, tmp
 
 
 def test_a_killed_holder_on_this_machine_is_taken_over_at_once(tmp_path, gristmill_log):
-    url = str(tmp_path / "store")
-    worker = start_worker(url, "f3", tmp_path / "machine", "--expiry", "60", "--build-s", "600")
-    owner = holding(worker)
-    worker.send_signal(signal.SIGKILL)
-    worker.communicate(timeout=30)
-    store = ArtifactStore(url)
-    start = time.monotonic()
-    state = build_once(store, STAGE, "f3", LeaseSpec(expiry_s=60), ready=ready(store, "f3"),
-                       build=lambda held: publish_stub(store, "f3", held), clear_hint="-")
-    assert state == "built" and time.monotonic() - start < 5
+    owner, pid, state, waited, _ = take_over_after_kill(str(tmp_path / "store"), "f3", tmp_path / "machine", 60)
+    assert state == "built" and waited < 5
     assert f"owner {owner}" in gristmill_log.text
-    assert f"its process {worker.pid} on this machine is gone" in gristmill_log.text
+    assert f"its process {pid} on this machine is gone" in gristmill_log.text
 
 
 def test_heartbeats_keep_a_long_build_alive_past_its_expiry(tmp_path, gristmill_log):
