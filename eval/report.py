@@ -148,6 +148,11 @@ def _provenance(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
     out += ["## Stages", ""]
     out += _table(["stage", "fingerprint", "wall time (s)", "device", "GPU-hours"],
                   [[s["stage"], s["fingerprint"], s["wall_s"], s["device"], s["gpu_hours"]] for s in summary["stages"]])
+    path = summary.get("critical_path")
+    if path and path["stages"]:
+        out += ["", f"Critical path: {' → '.join(path['stages'])}, {path['wall_s']} s of the {path['total_s']} s "
+                "these stages took one after another: the least time a build of them from scratch can take, "
+                "however many stages run at once (`gristmill run --max-parallel`)."]
     out += ["", "## Lineage", ""]
     out += _table(["what", "count"], [[k, v] for k, v in summary["lineage"].items()])
     out += _data_card(summary.get("data_card"), images)

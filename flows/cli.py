@@ -35,6 +35,7 @@ from tasks.core.runner import (
     RunPlan,
     StageResult,
     cached_results,
+    estimate_critical_path,
     pipeline,
     plan,
     prepare_run,
@@ -97,6 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(f"plan for {spec.name} ({args.spec}), store {store.url}")
         _print_plan(rows)
+        print(estimate_critical_path(rows, store, spec.name).describe())
     return EXIT_OK
 
 
@@ -111,6 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       trust_remote_code=args.trust_remote_code, placement=_placement(args))
     print(f"run {run.spec.name} ({args.spec}), store {run.store.url}")
     _print_plan(run.stages)
+    if not all(r.cached for r in run.stages):
+        print(estimate_critical_path(run.stages, run.store, run.spec.name).describe())
     try:
         results = _all_cached(run) if _without_prefect_server() else None
         if results is None:
@@ -119,7 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             _start_prefect_server()
             state = gristmill_pipeline(args.spec, args.store, until=args.until, only=args.only, force=args.force,
                                        gpu_deployment=args.gpu_deployment, trust_remote_code=args.trust_remote_code,
-                                       gpu_device=args.gpu_device, return_state=True)
+                                       gpu_device=args.gpu_device, max_parallel=args.max_parallel,
+                                       return_state=True)
             results = state.result()  # raises the InputError, stage failure or GateFailed that ended the run
     except GateFailed:
         print(_report_paths(run.store, run.spec.name))  # every stage finished: the report shows the gates
@@ -224,6 +229,17 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse exits 2 naming the flag otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def remote_code_flag(p: argparse.ArgumentParser) -> None:
     """--trust-remote-code: only here can a run allow model code (a spec file cannot)."""
     p.add_argument("--trust-remote-code", action="store_true",
@@ -264,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"run the GPU stages ({', '.join(pipeline().gpu_stages())}) that are not cached as flow "
                           "runs of this one-stage deployment (e.g. gristmill-stage/gpu) on the Prefect server at "
                           "PREFECT_API_URL; the store must be one every worker reaches (e.g. s3://...)")
+    run.add_argument("--max-parallel", type=positive_int, metavar="N",
+                     help="build at most N stages on this machine at once, each as soon as what it reads is done "
+                          "(default: 1 on up to 4 cores, 2 above; stages sent to --gpu-deployment do not count)")
     gpu_device_flag(run)
     remote_code_flag(run)
     run.set_defaults(func=cmd_run)

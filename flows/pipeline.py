@@ -1,6 +1,11 @@
 """Prefect flows that wire the stages; all logic lives in tasks/.
 
-`gristmill_pipeline` runs the planned stages in order, one Prefect task each. The artifact store
+`gristmill_pipeline` runs the planned stages as a graph, one Prefect task each: every stage is
+submitted with `wait_for` on the stages it reads, so a stage starts as soon as its inputs are
+published, and at most `max_parallel` stages build on this machine at once (default: 1 on a
+machine of up to 4 cores, where two training stages would only share the same cores; 2 above).
+A stage sent to the GPU work pool only waits here, so it takes none of those slots: with work
+pools, index and qa build on the CPU worker while pretrain trains on the GPU pool. The artifact store
 is the only cache: a stage it holds ends in a task state named Cached (so the UI shows reuse
 as usual), and Prefect persists no result of its own, so nothing of Prefect's has to be shared
 between workers, and no pickle in a shared bucket is ever loaded.
@@ -18,6 +23,14 @@ the report are published, so an automation on the Failed state can tell the team
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ParamSpec, TypeVar
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
@@ -26,6 +39,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 
 from data_specs.errors import InputError, StageError, TransientError
@@ -41,6 +55,7 @@ from tasks.run_report import RunReport, publish_run_report
 # repeats the failure.
 RETRIES = 2
 RETRY_BACKOFF_S = 30.0
+P, R = ParamSpec("P"), TypeVar("R")
 # How often the pipeline asks the server whether a GPU stage's flow run has finished (s).
 DEPLOYMENT_POLL_S = 2.0
 
@@ -69,15 +84,17 @@ def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
       retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
       retry_condition_fn=retry_transient)
 def run_stage(item: PlannedStage, spec: RunSpec, store_url: str, force: bool = False,
-              placement: Placement = Placement()) -> StageResult | State:
-    """Builds one stage's artifact unless the store has it (tasks/runner.py does the work).
+              placement: Placement = Placement(), slots: threading.Semaphore | None = None) -> StageResult | State:
+    """Builds one stage's artifact unless the store has it (tasks/runner.py does the work), in
+    one of `slots` (the pipeline's bound on stages building here at once) when given.
 
     The store is the only cache: a stage it already holds ends in a state named Cached, which
     Prefect's UI shows like one of its own cache hits. Prefect keeps no result of its own
     (persisting one would put a cloudpickle in the shared store that every later run unpickles,
     so anyone able to write to the bucket could run code on every worker)."""
     try:
-        result = execute(item, spec, ArtifactStore(store_url), force=force, placement=placement)
+        with slots or nullcontext():
+            result = execute(item, spec, ArtifactStore(store_url), force=force, placement=placement)
     except InputError as e:
         # The user's input, not a crash: fail with the message, without a traceback in the log.
         return Failed(message=str(e), data=e)
@@ -94,14 +111,52 @@ def run_report(run_name: str, store_url: str, fingerprint: str, gates: tuple[Gat
 
 def run_here(item: PlannedStage, run: RunPlan) -> StageResult | State:
     """Runs one planned stage as a task of this flow; a failed state for bad input."""
-    rebuild = item.name in run.forced
-    state = run_stage(item, run.spec, store_url(run.store), force=rebuild, placement=run.placement, return_state=True)
+    return outcome(run_stage(item, run.spec, store_url(run.store), force=item.name in run.forced,
+                             placement=run.placement, return_state=True))
+
+
+def outcome(state: State) -> StageResult | State:
+    """A finished stage task's result; its state when bad input failed it (the flow run fails with
+    the message, the CLI exits with code 2); a crashed stage's exception is raised (its traceback
+    belongs in the log)."""
     result = state.result(raise_on_failure=False)
     if isinstance(result, InputError):
-        return state  # the flow run fails with the message; the CLI exits with code 2
+        return state
     if isinstance(result, BaseException):
-        raise result  # a crashed stage: its traceback belongs in the log
+        raise result
     return result
+
+
+@contextmanager
+def logs_to_prefect() -> Iterator[None]:
+    """While a flow runs, gristmill's progress and lease lines (the "gristmill" logger) go to its
+    flow run's logs: to the Prefect API (the UI shows them) and, where nothing prints them yet (a
+    worker's flow-run process; the CLI has its own stderr handler), to the console as Prefect
+    prints its own. What PREFECT_LOGGING_EXTRA_LOGGERS=gristmill does, without each worker having
+    to set it, and undone after the flow: outside a flow run the API handler has no run to log to."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("gristmill")
+    own, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    added = [h for h in logging.getLogger("prefect.extra").handlers
+             if h not in own and (isinstance(h, APILogHandler) or not own)]
+    for handler in added:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in added:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def default_parallel() -> int:
+    """Stages that build on this machine at once when the run does not say: 1 up to 4 cores (each
+    training stage uses every core: two would share them and finish no sooner), 2 above."""
+    return 1 if (os.cpu_count() or 1) <= 4 else 2
 
 
 def check_deployment(name: str) -> None:
@@ -116,6 +171,7 @@ def check_deployment(name: str) -> None:
                          f"(README: Running nightly for a team)") from e
 
 
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{item.name} (on {name})")
 def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: str,
                       override: str | None) -> StageResult:
     """Runs one stage as a flow run of the one-stage deployment `name` and waits for it; its
@@ -140,15 +196,30 @@ def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: st
     return StageResult(item.name, item.fingerprint, "built", item.path, record)
 
 
+def with_logs_to_prefect(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run inside `logs_to_prefect()` (under @flow: Prefect reads `fn`'s signature through it)."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with logs_to_prefect():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 @flow(name="gristmill-pipeline")
+@with_logs_to_prefect
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
                        only: str | None = None, force: list[str] | None = None,
                        override: str | None = None, gpu_deployment: str | None = None,
-                       trust_remote_code: bool = False, gpu_device: str = "cuda") -> list[StageResult] | State:
-    """Runs a spec's stages in order (all, up to `until`, or `only` one) against one store;
-    with `gpu_deployment`, GPU stages to build run as flow runs of that deployment, whose
-    workers have `gpu_device`. `trust_remote_code` is the CLI's --trust-remote-code (a spec
-    file cannot set it)."""
+                       trust_remote_code: bool = False, gpu_device: str = "cuda",
+                       max_parallel: int | None = None) -> list[StageResult] | State:
+    """Runs a spec's stages (all, up to `until`, or `only` one) against one store, each as soon
+    as the stages it reads are done, at most `max_parallel` building here at once (default:
+    `default_parallel()`); with `gpu_deployment`, GPU stages to build run as flow runs of that
+    deployment, whose workers have `gpu_device`. `trust_remote_code` is the CLI's
+    --trust-remote-code (a spec file cannot set it)."""
+    if max_parallel is not None and max_parallel < 1:
+        return Failed(message=f"max_parallel: {max_parallel}; must be at least 1",
+                      data=InputError(f"max_parallel: {max_parallel}; must be at least 1"))
     placement = Placement(gpu=gpu_device, data=local_device()) if gpu_deployment else Placement()
     run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override,
                       trust_remote_code=trust_remote_code, placement=placement)
@@ -160,12 +231,27 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
             check_deployment(gpu_deployment)
         except InputError as e:
             return Failed(message=str(e), data=e)  # before any stage runs; the CLI exits with code 2
+    slots = threading.BoundedSemaphore(max_parallel or default_parallel())
+    futures = {}
+    # Every stage gets a thread that waits for its inputs; `slots` bounds the ones building here.
+    with ThreadPoolTaskRunner(max_workers=max(len(run.stages), 1)) as runner:
+        for item in run.stages:
+            after = [futures[n] for n in item.key["upstream"] if n in futures]  # the others are cached
+            if item.name in remote:
+                futures[item.name] = runner.submit(run_on_deployment, {
+                    "name": gpu_deployment, "item": item, "run": run, "spec_path": spec_path, "override": override},
+                    wait_for=after)
+            else:
+                futures[item.name] = runner.submit(run_stage, {
+                    "item": item, "spec": run.spec, "store_url": store_url(run.store), "force": item.name in run.forced,
+                    "placement": run.placement, "slots": slots}, wait_for=after)
+        for future in futures.values():
+            future.wait()
     results = []
-    for item in run.stages:
-        if item.name in remote:
-            results.append(run_on_deployment(gpu_deployment, item, run, spec_path, override))
-            continue
-        result = run_here(item, run)
+    for future in futures.values():  # in plan order: the first failure is the one upstream
+        if future.state.name == "NotReady":
+            continue  # a stage downstream of a failure never started
+        result = outcome(future.state)
         if isinstance(result, State):
             return result
         results.append(result)
@@ -178,6 +264,7 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
 
 
 @flow(name="gristmill-stage")
+@with_logs_to_prefect
 def gristmill_stage(spec_path: str, stage: str, store: str, force: bool = False, override: str | None = None,
                     fingerprint: str | None = None, trust_remote_code: bool = False,
                     gpu_device: str | None = None, data_device: str | None = None) -> StageResult | State:

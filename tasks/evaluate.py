@@ -186,6 +186,7 @@ def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metr
                "by_retrieval": by_retrieval(scores, in_front),
                "retrieval": {"retriever": cfg.retrieval, "strict": retrieval.strict, "lenient": retrieval.lenient},
                "leakage": lineage.leakage(inputs.pairs, ctx.lineage), "stages": lineage.stage_rows(ctx),
+               "critical_path": lineage.critical(ctx),
                "lineage": lineage.counts(ctx), "data_card": lineage.data_card(ctx),
                "disagreements": disagreements(qs, answers, scores)}
     write_jsonl(out / "answers.jsonl", _answer_rows(qs, found, answers, scores))

@@ -23,12 +23,31 @@ when it is built.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from data_specs.errors import InputError
 from data_specs.schema import RunSpec
 from tasks.core.stage import Stage
+
+
+def critical_path(seconds: Mapping[str, float], needs: Mapping[str, Iterable[str]]) -> tuple[list[str], float]:
+    """The chain of stages whose seconds add up most (the least wall time the stages can take with
+    any number of them running at once), and that sum. `seconds` lists the stages in a
+    topological order (each after what it needs); a need not in it takes no time."""
+    finish: dict[str, float] = {}
+    before: dict[str, str | None] = {}
+    for name, s in seconds.items():
+        prior = max((n for n in needs.get(name, ()) if n in finish), key=finish.__getitem__, default=None)
+        before[name] = prior
+        finish[name] = (finish[prior] if prior else 0.0) + max(s, 0.0)
+    last = max(reversed(finish), key=finish.__getitem__, default=None)  # on a tie, the later stage: a longer chain
+    path = []
+    while last is not None:
+        path.append(last)
+        last = before[last]
+    path.reverse()
+    return path, (finish[path[-1]] if path else 0.0)
 
 
 class GraphError(Exception):
@@ -167,6 +186,11 @@ class Graph:
         for n in names:
             self.get(n)  # raises InputError for an unknown stage
         return {s for s in self._stages if s in names or self.ancestors(s) & names}
+
+    def critical_path(self, seconds: Mapping[str, float]) -> tuple[list[str], float]:
+        """`critical_path` over this graph's edges; stages missing from `seconds` take none."""
+        names = self.names()
+        return critical_path({n: seconds.get(n, 0.0) for n in names}, {n: self.needs(n) for n in names})
 
     def gpu_stages(self) -> list[str]:
         """The stages that train or run a model (the GPU work pool's, under --gpu-deployment)."""

@@ -26,7 +26,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.faults import DiskFault, diagnose, from_os_error
 from tasks.core.files import checksum_tree, make_gzip_reproducible
 from tasks.core.fingerprint import explain_change, fresh, installed_version
-from tasks.core.graph import Graph
+from tasks.core.graph import Graph, critical_path
 from tasks.core.keys import Placement, plan_keys, reads, stage_view
 from tasks.core.lease import Lease, build_once
 from tasks.core.references import Start, resolve
@@ -140,6 +140,46 @@ def select(planned: list[PlannedStage], until: str | None = None, only: str | No
         wanted = {until} | graph.ancestors(until)
         return [p for p in planned if p.name in wanted]
     return list(planned)
+
+
+@dataclass(frozen=True)
+class CriticalPath:
+    """The chain of stages to build whose last builds' wall times add up most: the least time the
+    run can take however many stages run at once."""
+
+    stages: list[str]
+    seconds: float  # along the path
+    total_s: float  # of every stage to build, one after another
+    unknown: list[str]  # stages to build with no earlier build in the store (counted as 0 s)
+
+    def describe(self) -> str:
+        """One line for `gristmill plan` and `gristmill run`."""
+        if not self.stages:
+            return "critical path: nothing to build"
+        line = (f"critical path: {' -> '.join(self.stages)}, ~{_minutes(self.seconds)} of ~{_minutes(self.total_s)} "
+                f"of stages to build (their last builds' wall times in this store)")
+        return line + (f"; never built here: {', '.join(self.unknown)}" if self.unknown else "")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def estimate_critical_path(rows: Sequence[PlannedStage], store: ArtifactStore, run_name: str) -> CriticalPath:
+    """The critical path among `rows` to build, each timed by the newest build of its stage in the
+    store (of this run name if there is one, any fingerprint: what a rebuild is likely to take)."""
+    seconds, unknown = {}, []
+    for row in rows:
+        if row.cached:
+            continue
+        history = store.history(row.name)
+        same = [r for r in history if r.run_name == run_name] or history
+        seconds[row.name] = same[-1].wall_s if same else 0.0
+        if not same:
+            unknown.append(row.name)
+    needs = {row.name: list(row.key.get("upstream", {})) for row in rows}
+    path, along = critical_path(seconds, needs) if seconds else ([], 0.0)
+    return CriticalPath(path, along, sum(seconds.values()), unknown)
 
 
 DEFAULT_STORE = ".gristmill"

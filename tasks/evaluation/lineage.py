@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tasks.core.artifacts import Documents, Pairs
+from tasks.core.graph import critical_path
 from tasks.core.stage import RunContext
 from tasks.core.store import ArtifactRecord
 
@@ -26,6 +27,18 @@ def stage_rows(ctx: RunContext) -> list[dict[str, Any]]:
         rows.append({"stage": label, "fingerprint": record.fingerprint, "wall_s": record.wall_s,
                      "device": device, "gpu_hours": round(gpus * record.wall_s / 3600, 4) if gpus else None})
     return rows
+
+
+def critical(ctx: RunContext) -> dict[str, Any]:
+    """The chain of upstream stages whose wall times add up most: the least time a build of them
+    all from scratch can take, however many run at once (the others ran beside it), against the
+    sum of every stage's wall time (one after another)."""
+    records = {n: r for n, r in ctx.lineage.items() if n == r.stage}  # not the other runs' artifacts
+    # Oldest first is an order in which every stage comes after what it read (it existed first).
+    ordered = sorted(records, key=lambda n: records[n].created_at)
+    path, seconds = critical_path({n: records[n].wall_s for n in ordered},
+                                  {n: list(records[n].key.get("upstream", {})) for n in ordered})
+    return {"stages": path, "wall_s": round(seconds, 1), "total_s": round(sum(r.wall_s for r in records.values()), 1)}
 
 
 def counts(ctx: RunContext) -> dict[str, Any]:

@@ -3,6 +3,8 @@ retried (and nothing else), the one-stage flow, and deployment mode's checks bef
 server with workers (tests/flows/test_server.py runs it on one)."""
 
 import shutil
+import threading
+import time
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -11,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from data_specs.errors import GateFailed, InputError, StageError, TransientError
 from flows.pipeline import gristmill_pipeline, gristmill_stage
-from tasks.core.runner import plan
+from tasks.core.runner import StageResult, plan
 from tasks.registry import PIPELINE
 from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, finetuned_f1, tiny_copy
 
@@ -57,6 +59,72 @@ def test_deleted_artifact_is_rebuilt_even_if_prefect_remembers_it(harness, proje
             shutil.rmtree(row.path)
     _, results = run(project)
     assert [r.state for r in results] == ["cached", "built"]
+
+
+# ---------------------------------------------------------------- the graph runs as a graph
+
+def timed_builds(monkeypatch, fail: str | None = None, seconds: float = 0.3) -> tuple[list, list]:
+    """Replaces the builds with ones that take `seconds` (the stage named `fail` then raises);
+    returns the log of ("start"|"end", stage) events and a one-item list: the most builds at once."""
+    from flows import pipeline
+
+    lock, running, events, peak = threading.Lock(), set(), [], [0]
+
+    def build(item, spec, store, force=False, placement=None):
+        with lock:
+            running.add(item.name)
+            peak[0] = max(peak[0], len(running))
+            events.append(("start", item.name))
+        time.sleep(seconds)
+        with lock:
+            running.discard(item.name)
+            events.append(("end", item.name))
+        if item.name == fail:
+            raise StageError(f"stage {fail!r} failed: ValueError: on purpose")
+        return StageResult(item.name, item.fingerprint, "built", item.path, None)
+
+    monkeypatch.setattr(pipeline, "execute", build)
+    return events, peak
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_stages_start_when_their_inputs_are_done_at_most_max_parallel_at_once(harness, project, monkeypatch, limit):
+    """Up to reader: after the corpus, tokenizer, qa and index are all ready; the run builds as many
+    of them at once as max_parallel allows, and never a stage before what it reads has ended."""
+    events, peak = timed_builds(monkeypatch)
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="reader", max_parallel=limit,
+                               return_state=True)
+    graph = PIPELINE.for_spec(project.load())
+    names = [n for n in graph.names() if n in graph.ancestors("reader") | {"reader"}]
+    assert {"tokenizer", "qa", "index"} <= set(names) and "sft" not in names
+    assert [r.name for r in state.result()] == names  # in plan order, however they ran
+    assert peak[0] == limit
+    for name in names:
+        for need in graph.needs(name):
+            assert events.index(("end", need)) < events.index(("start", name)), (need, name)
+
+
+def test_a_failed_stage_stops_what_reads_it_and_nothing_else(harness, project, monkeypatch):
+    events, _ = timed_builds(monkeypatch, fail="tokenizer")
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="reader", max_parallel=2,
+                               return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageError, match="tokenizer"):
+        state.result()
+    graph = PIPELINE.for_spec(project.load())
+    stopped = {"pretrain", "midtrain", "reader"}  # what reads the tokenizer, directly or not
+    assert stopped == {n for n in graph.ancestors("reader") | {"reader"} if "tokenizer" in graph.ancestors(n)}
+    started = {name for kind, name in events if kind == "start"}
+    assert started == graph.ancestors("reader") - stopped and {"qa", "index"} <= started
+    assert task_states(state.state_details.flow_run_id) == {
+        **{n: "Completed" for n in started - {"tokenizer"}}, "tokenizer": "Failed", **{n: "NotReady" for n in stopped}}
+
+
+def test_max_parallel_below_one_is_bad_input(harness, project):
+    state = gristmill_pipeline(str(project.write()), project.store.url, until="ingest", max_parallel=0,
+                               return_state=True)
+    with pytest.raises(InputError, match="max_parallel: 0; must be at least 1"):
+        state.result()
 
 
 # ---------------------------------------------------------------- regression gates

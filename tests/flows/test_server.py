@@ -31,7 +31,7 @@ import pytest
 
 from tasks.core.keys import local_device
 from tasks.registry import PIPELINE
-from tests.conftest import REPO, TINY_STORE_TIMEOUT_S, free_port, seed_store, wait_healthy
+from tests.conftest import REPO, S3_BUCKET, TINY_STORE_TIMEOUT_S, free_port, seed_store, wait_healthy
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TEMPLATE = REPO / "deploy" / "k8s-gpu-base-job-template.json"
@@ -122,12 +122,18 @@ class Team:
     api: str
     checkout: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    launches: dict[str, tuple] = field(default_factory=dict)  # name -> (args, env, cwd), to restart it
 
-    def start(self, name: str, *args: str) -> None:
-        log = (self.root / f"{name}.log").open("wb")
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.launches[name] = (args, env, cwd)
+        log = (self.root / f"{name}.log").open("ab")
         # Its own session, so stopping it also stops the flow-run processes a worker started.
-        self.procs[name] = subprocess.Popen(list(args), cwd=self.checkout, env=self.env, stdout=log,
+        self.procs[name] = subprocess.Popen(list(args), cwd=cwd or self.checkout, env=env or self.env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self, name: str) -> None:
+        args, env, cwd = self.launches[name]
+        self.start(name, *args, env=env, cwd=cwd)
 
     def prefect(self, *commands: list[str]) -> None:
         """Runs `prefect` commands side by side (each is a few seconds of imports) and checks them."""
@@ -153,8 +159,10 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory) -> Iterator[Team]:
-    """A Prefect server, the CPU and GPU process pools, `prefect deploy --all`, and one worker per pool."""
+def team(tmp_path_factory, s3_env) -> Iterator[Team]:
+    """A Prefect server, the CPU and GPU process pools, `prefect deploy --all`, and one worker per pool
+    (the GPU pool's takes one flow run at a time, as README advises for a GPU machine), all able to
+    reach the module's S3 server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = tmp_path_factory.mktemp("team")
@@ -165,7 +173,7 @@ def team(tmp_path_factory) -> Iterator[Team]:
            "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GRISTMILL_HOME": str(checkout),
            # Workers poll every second (default 10 s); no schedule is due during the test.
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **s3_env}
     t = Team(root, env, api, checkout)
     try:
         t.start("server", PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port))
@@ -173,7 +181,7 @@ def team(tmp_path_factory) -> Iterator[Team]:
         t.prefect(["work-pool", "create", "gristmill-cpu", "--type", "process"],
                   ["work-pool", "create", "gristmill-gpu", "--type", "process"])
         t.start("worker-cpu", PREFECT, "worker", "start", "--pool", "gristmill-cpu")
-        t.start("worker-gpu", PREFECT, "worker", "start", "--pool", "gristmill-gpu")
+        t.start("worker-gpu", PREFECT, "worker", "start", "--pool", "gristmill-gpu", "--limit", "1")
         t.prefect(["--no-prompt", "deploy", "--all"])
         with temporary_settings({PREFECT_API_URL: api}):
             yield t
@@ -350,3 +358,107 @@ def test_cli_with_an_unknown_gpu_deployment_exits_2_before_running(team, nightly
                          "--force", "sft", "--gpu-deployment", "gristmill-stage/nowhere", "--gpu-device", GPU_DEVICE)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "gristmill-stage/nowhere: no such deployment" in proc.stderr
+
+
+# ---------------------------------------------------------------- two machines, one pool, one S3 store
+
+@pytest.fixture(scope="module")
+def two_machines(team, tiny_store, s3_env, tmp_path_factory) -> str:
+    """A second worker on the GPU pool with a machine of its own (HOME, checkout, scratch: its
+    GRISTMILL_HOME), and an S3 store seeded with tiny's stages up to pretrain; the store's URL."""
+    root = tmp_path_factory.mktemp("machine2")
+    checkout = snapshot_checkout(root / "checkout")
+    env = {**team.env, "HOME": str(root / "home"), "GRISTMILL_HOME": str(checkout), "TMPDIR": str(root)}
+    team.start("worker-gpu-2", PREFECT, "worker", "start", "--pool", "gristmill-gpu", "--limit", "1",
+               env=env, cwd=checkout)
+    url = f"s3://{S3_BUCKET}/two-machines"
+    seed_store(tiny_store, url, {"ingest", "dedup", "quality", "tokenizer"}, s3_env)
+    return url
+
+
+def trigger_pretrain(url: str, override: dict) -> Any:
+    """A flow run of the stage deployment building tiny's pretrain (with `override`) on the store `url`."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(STAGE_DEPLOYMENT, parameters={
+        "spec_path": "data_specs/tiny.yaml", "stage": "pretrain", "store": url, "override": json.dumps(override),
+        "gpu_device": GPU_DEVICE, "data_device": local_device()}, timeout=0)
+
+
+def pretrain_records(url: str, s3_env: dict[str, str]) -> list:
+    from s3fs import S3FileSystem
+
+    from tasks.core.store import ArtifactStore
+
+    S3FileSystem.clear_instance_cache()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in s3_env.items():
+            mp.setenv(name, value)
+        return ArtifactStore(url).history("pretrain")
+
+
+def parents(pid: int) -> list[int]:
+    """The pids above `pid`, up to init (from /proc)."""
+    out = []
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        out.append(pid)
+    return out
+
+
+def worker_logs(team: Team) -> str:
+    return "".join((team.root / f"{w}.log").read_text(errors="replace") for w in ("worker-gpu", "worker-gpu-2"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
+def test_two_workers_given_the_same_stage_build_it_once(team, two_machines, s3_env):
+    """Two flow runs of one stage start together on two machines' workers: one builds, the other
+    finds its live lease in the store, waits, and uses the artifact; both Completed."""
+    override = {"pretrain": {"seed": 11, "tokens": 40000}}
+    runs = wait_final([trigger_pretrain(two_machines, override).id, trigger_pretrain(two_machines, override).id], team)
+    assert all(r.state.is_completed() for r in runs), f"{[r.state for r in runs]}\n{team.logs()}"
+    (record,) = pretrain_records(two_machines, s3_env)
+    logs = worker_logs(team)
+    assert logs.count("pretrain: waiting for ") >= 1 and logs.count("; using it") == 1, logs[-6000:]
+    assert record.run_name == "tiny"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TINY_STORE_TIMEOUT_S)  # it may build the session's tiny store
+def test_a_killed_workers_lease_is_taken_over_and_the_stage_published_once(team, two_machines, s3_env):
+    """The machine building the stage dies (its worker and flow-run process SIGKILLed mid-build):
+    the other worker's run takes the lease over and publishes the artifact once."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.core.lease import list_leases
+    from tasks.core.store import ArtifactStore
+
+    before = len(pretrain_records(two_machines, s3_env))
+    override = {"pretrain": {"seed": 12}, "lease": {"expiry_s": 10}}
+    ids = [trigger_pretrain(two_machines, override).id, trigger_pretrain(two_machines, override).id]
+    deadline, held = time.monotonic() + RUN_TIMEOUT_S, []
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in s3_env.items():
+            mp.setenv(name, value)
+        while not held and time.monotonic() < deadline:
+            held = [h for h in list_leases(ArtifactStore(two_machines)) if h.info.stage == "pretrain"]
+            time.sleep(0.2)
+    assert held, team.logs()
+    holder = held[0].info.pid
+    worker = next(name for name, proc in team.procs.items() if proc.pid in parents(holder))
+    os.kill(holder, signal.SIGKILL)  # the flow run building it and the worker that started it: the machine died
+    os.killpg(team.procs[worker].pid, signal.SIGKILL)
+    team.procs[worker].wait()
+    try:
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                runs = [client.read_flow_run(i) for i in ids]
+                if any(r.state and r.state.is_completed() for r in runs):
+                    break
+                time.sleep(1)
+        assert any(r.state.is_completed() for r in runs), f"{[r.state for r in runs]}\n{team.logs()}"
+        assert len(pretrain_records(two_machines, s3_env)) == before + 1
+        assert "pretrain: took over the lease" in worker_logs(team), worker_logs(team)[-6000:]
+    finally:
+        team.restart(worker)  # the killed machine's worker back, for the tests after this one

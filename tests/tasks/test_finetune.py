@@ -118,6 +118,28 @@ def test_eval_metrics_have_the_promised_shape(evaluated):
     assert m["verdict"] and "rag" in m["verdict"]
 
 
+def test_the_report_names_the_heaviest_chain_of_the_stages_it_lists(evaluated):
+    """The critical path in the report against every chain of the pipeline's edges through the
+    stages of its table, summed by hand from their wall times."""
+    from tasks.registry import PIPELINE
+
+    eval_dir = Path(evaluated[1]["eval"].path)
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    wall = {row["stage"]: row["wall_s"] for row in summary["stages"]}
+
+    def chains(ending: str) -> list[list[str]]:
+        above = [n for n in PIPELINE.needs(ending) if n in wall]
+        return [[ending]] + [c + [ending] for n in above for c in chains(n)] if above else [[ending]]
+
+    heaviest = max((c for name in wall for c in chains(name)), key=lambda c: sum(wall[n] for n in c))
+    path = summary["critical_path"]
+    assert path["stages"] == heaviest and heaviest[0] == "ingest"
+    assert path["wall_s"] == round(sum(wall[n] for n in heaviest), 1)
+    assert path["total_s"] == round(sum(wall.values()), 1) > path["wall_s"]
+    md = (eval_dir / "report.md").read_text()
+    assert f"Critical path: {' → '.join(heaviest)}, {path['wall_s']} s of the {path['total_s']} s" in md
+
+
 def test_each_arm_answers_with_the_model_it_claims(evaluated):
     """Swap the two generators: the finetuned arm then answers as the reader arm did (same model,
     same closed-book prompt), and the reader arm as the finetuned arm did."""

@@ -2,6 +2,7 @@
 builds that see exactly their keys, and imports that run one way."""
 
 import ast
+import itertools
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from data_specs.errors import InputError, StageError
 from tasks import dedup, ingest, pretrain, quality, tokenizer
 from tasks.core.artifacts import Documents, Model
-from tasks.core.graph import Graph, GraphError, Wire
+from tasks.core.graph import Graph, GraphError, Wire, critical_path
 from tasks.core.runner import execute, plan
 from tasks.core.store import ArtifactStore
 from tasks.registry import PIPELINE
@@ -146,3 +147,52 @@ def test_no_copied_jsonl_readers_writers_or_chunkers():
         if rel not in ("tasks/core/jsonl.py", "tasks/core/artifacts.py", "tasks/data/python_docs.py"):
             assert not loops.search(text), f"{rel} has its own JSONL loop"
         assert not chunkers.search(text), f"{rel} has its own paragraph chunker"
+
+
+# ---------------------------------------------------------------- critical path
+
+def test_the_critical_path_is_the_heaviest_chain_not_the_longest():
+    """A diamond: a -> (b, c) -> d. The path goes through the slower branch, whatever the number of
+    stages on the other; a need outside `seconds` (cached) takes no time."""
+    needs = {"a": [], "b": ["a"], "c": ["a"], "c2": ["c"], "d": ["b", "c2", "cached"]}
+    assert critical_path({"a": 1, "b": 10, "c": 2, "c2": 3, "d": 4}, needs) == (["a", "b", "d"], 15.0)
+    assert critical_path({"a": 1, "b": 4, "c": 2, "c2": 3, "d": 4}, needs) == (["a", "c", "c2", "d"], 10.0)
+    assert critical_path({"b": 5, "d": 1}, needs) == (["b", "d"], 6.0)
+    assert critical_path({}, needs) == ([], 0.0)
+
+
+def test_the_pipelines_critical_path_follows_its_edges():
+    """With index slow, the path runs through index (which reads the corpus, not the models); with
+    pretrain slow, through pretrain. Each stage on it reads the one before it."""
+    seconds = {name: 1.0 for name in PIPELINE.names()}
+    path, total = PIPELINE.critical_path({**seconds, "index": 100.0})
+    assert path == ["ingest", "dedup", "quality", "index", "reader", "eval"] and total == 105.0
+    path, total = PIPELINE.critical_path({**seconds, "pretrain": 100.0})
+    assert path == ["ingest", "dedup", "quality", "tokenizer", "pretrain", "midtrain", "sft", "dpo", "eval"]
+    assert total == 108.0
+    for earlier, later in itertools.pairwise(path):
+        assert earlier in PIPELINE.needs(later)
+
+
+def test_the_plan_times_its_critical_path_by_the_last_builds_in_the_store():
+    """Stages to build are timed by their newest build of the same run name (else of any run);
+    cached stages take no time; a stage never built is named."""
+    from types import SimpleNamespace
+
+    from tasks.core.runner import PlannedStage, estimate_critical_path
+
+    history = {"a": [SimpleNamespace(run_name="other", wall_s=50.0), SimpleNamespace(run_name="me", wall_s=7.0),
+                     SimpleNamespace(run_name="other", wall_s=60.0)],
+               "b": [SimpleNamespace(run_name="other", wall_s=30.0)], "c": [SimpleNamespace(run_name="me", wall_s=99.0)]}
+    store = SimpleNamespace(history=lambda stage: history.get(stage, []))
+
+    def row(name, needs, cached=False):
+        return PlannedStage(name, "fp", {"upstream": {n: "fp" for n in needs}}, cached, "", "path")
+
+    rows = [row("a", []), row("b", ["a"]), row("c", ["a"], cached=True), row("d", ["b", "c"])]
+    found = estimate_critical_path(rows, store, "me")
+    assert (found.stages, found.seconds, found.total_s, found.unknown) == (["a", "b", "d"], 37.0, 37.0, ["d"])
+    assert found.describe() == ("critical path: a -> b -> d, ~37 s of ~37 s of stages to build (their last builds' "
+                                "wall times in this store); never built here: d")
+    assert estimate_critical_path([row("a", [], cached=True)], store, "me").describe() == \
+        "critical path: nothing to build"
