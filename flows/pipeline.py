@@ -148,6 +148,49 @@ def logs_to_prefect() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def default_parallel() -> int:
+    """Stages that build on this machine at once when the run does not say: 1 up to 4 cores (each
+    training stage uses every core: two would share them and finish no sooner), 2 above."""
+    return 1 if (os.cpu_count() or 1) <= 4 else 2
+
+
+def check_deployment(name: str) -> None:
+    """Bad input unless the Prefect API this run talks to has the deployment `name`."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except (ObjectNotFound, ValueError) as e:
+        api = PREFECT_API_URL.value() or "none set: this run uses a temporary local server"
+        raise InputError(f"--gpu-deployment {name}: no such deployment (flow/deployment) on the Prefect API "
+                         f"({api}); set PREFECT_API_URL to the team's server and run `prefect deploy --all` "
+                         f"(README: Running nightly for a team)") from e
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{item.name} (on {name})")
+def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: str,
+                      override: str | None) -> StageResult:
+    """Runs one stage as a flow run of the one-stage deployment `name` and waits for it; its
+    failure fails this run with its message. The artifact is then read from the shared store."""
+    child = run_deployment(
+        name,
+        parameters={"spec_path": spec_path, "stage": item.name, "store": store_url(run.store),
+                    "force": item.name in run.forced, "override": override, "fingerprint": item.fingerprint,
+                    "trust_remote_code": run.spec.trust_remote_code, "gpu_device": run.placement.gpu,
+                    "data_device": run.placement.data},
+        job_variables={"gpu_count": gpu_count(run.spec, item.name)},  # resources.<stage>.gpus, else 1
+        flow_run_name=f"{run.spec.name}-{item.name}", timeout=None, poll_interval=DEPLOYMENT_POLL_S,
+    )
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "no state"
+        message = child.state.message if child.state else ""
+        raise StageError(f"stage {item.name!r} failed in flow run {child.name!r} of {name} ({state}): {message}")
+    record = run.store.load(item.name, item.fingerprint)
+    if record is None:
+        raise StageError(f"stage {item.name!r}: flow run {child.name!r} of {name} completed, but artifact "
+                         f"{item.fingerprint} is not in {run.store.url}: the GPU worker must use the same store")
+    return StageResult(item.name, item.fingerprint, "built", item.path, record)
+
+
 def with_logs_to_prefect(fn: Callable[P, R]) -> Callable[P, R]:
     """`fn` run inside `logs_to_prefect()` (under @flow: Prefect reads `fn`'s signature through it)."""
     @functools.wraps(fn)
