@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,16 +386,27 @@ def trigger_pretrain(url: str, override: dict) -> Any:
         "gpu_device": GPU_DEVICE, "data_device": local_device()}, timeout=0)
 
 
-def pretrain_records(url: str, s3_env: dict[str, str]) -> list:
+@contextmanager
+def s3_store(url: str, s3_env: dict[str, str]) -> Iterator[Any]:
+    """The store at `url` on the module's S3 server, seen from this process; s3fs's cached clients
+    dropped before and after (one kept would talk to this server after it stops)."""
     from s3fs import S3FileSystem
 
     from tasks.core.store import ArtifactStore
 
-    S3FileSystem.clear_instance_cache()
     with pytest.MonkeyPatch.context() as mp:
         for name, value in s3_env.items():
             mp.setenv(name, value)
-        return ArtifactStore(url).history("pretrain")
+        S3FileSystem.clear_instance_cache()
+        try:
+            yield ArtifactStore(url)
+        finally:
+            S3FileSystem.clear_instance_cache()
+
+
+def pretrain_records(url: str, s3_env: dict[str, str]) -> list:
+    with s3_store(url, s3_env) as store:
+        return store.history("pretrain")
 
 
 def parents(pid: int) -> list[int]:
@@ -432,17 +444,14 @@ def test_a_killed_workers_lease_is_taken_over_and_the_stage_published_once(team,
     from prefect.client.orchestration import get_client
 
     from tasks.core.lease import list_leases
-    from tasks.core.store import ArtifactStore
 
     before = len(pretrain_records(two_machines, s3_env))
     override = {"pretrain": {"seed": 12}, "lease": {"expiry_s": 10}}
     ids = [trigger_pretrain(two_machines, override).id, trigger_pretrain(two_machines, override).id]
     deadline, held = time.monotonic() + RUN_TIMEOUT_S, []
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in s3_env.items():
-            mp.setenv(name, value)
+    with s3_store(two_machines, s3_env) as store:
         while not held and time.monotonic() < deadline:
-            held = [h for h in list_leases(ArtifactStore(two_machines)) if h.info.stage == "pretrain"]
+            held = [h for h in list_leases(store) if h.info.stage == "pretrain"]
             time.sleep(0.2)
     assert held, team.logs()
     holder = held[0].info.pid
