@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from eval.prompts import PromptTooLong, as_chat
 
 
@@ -55,7 +53,6 @@ def _check_lengths(tokenizer, prompts: Sequence[str], first: int, limit: int) ->
                             f"{shown}; fit them first with eval.prompts.fit_message")
 
 
-@torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int,
              batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[Generation]:
     """Greedy continuations of `conversations` through the tokenizer's chat template; `on_batch`
@@ -63,26 +60,30 @@ def generate(model, tokenizer, conversations: Sequence[list[dict[str, str]]], ma
 
     Raises PromptTooLong when a prompt exceeds `prompt_budget(model, max_new_tokens)`.
     """
-    tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    device = next(model.parameters()).device
-    limit = prompt_budget(model, max_new_tokens)
-    stop = [tokenizer.eos_token_id] + [t for t in tokenizer.convert_tokens_to_ids(["<|im_end|>"]) if t is not None]
-    out: list[Generation] = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [_render(tokenizer, c) for c in conversations[start:start + batch_size]]
-        _check_lengths(tokenizer, prompts, start, limit)
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        t0 = time.perf_counter()
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                             pad_token_id=tokenizer.pad_token_id)
-        elapsed = time.perf_counter() - t0
-        new = ids[:, enc["input_ids"].shape[1]:]
-        for row in new:
-            n = int((row != tokenizer.pad_token_id).sum())
-            out.append(Generation(tokenizer.decode(row, skip_special_tokens=True).strip(), n, elapsed / len(prompts)))
-        if on_batch is not None:
-            on_batch(len(out))
-    return out
+    import torch
+
+    with torch.no_grad():  # no autograd graph: nothing here is trained
+        tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.eval()
+        device = next(model.parameters()).device
+        limit = prompt_budget(model, max_new_tokens)
+        stop = [tokenizer.eos_token_id] + [t for t in tokenizer.convert_tokens_to_ids(["<|im_end|>"]) if t is not None]
+        out: list[Generation] = []
+        for start in range(0, len(conversations), batch_size):
+            prompts = [_render(tokenizer, c) for c in conversations[start:start + batch_size]]
+            _check_lengths(tokenizer, prompts, start, limit)
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            t0 = time.perf_counter()
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+            elapsed = time.perf_counter() - t0
+            new = ids[:, enc["input_ids"].shape[1]:]
+            for row in new:
+                n = int((row != tokenizer.pad_token_id).sum())
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                out.append(Generation(text, n, elapsed / len(prompts)))
+            if on_batch is not None:
+                on_batch(len(out))
+        return out

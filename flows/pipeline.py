@@ -191,6 +191,37 @@ def run_on_deployment(name: str, item: PlannedStage, run: RunPlan, spec_path: st
     return StageResult(item.name, item.fingerprint, "built", item.path, record)
 
 
+def run_graph(run: RunPlan, remote: set[str], max_parallel: int, gpu_deployment: str | None, spec_path: str,
+              override: str | None) -> list[StageResult] | State:
+    """Every planned stage as a task that waits for the stages it reads (`wait_for`), at most
+    `max_parallel` building here at once (the `remote` ones wait for their flow run on the
+    deployment and take no slot); the results in plan order, or the first failed state."""
+    slots = threading.BoundedSemaphore(max_parallel)
+    futures = {}
+    with ThreadPoolTaskRunner(max_workers=max(len(run.stages), 1)) as runner:  # a thread per stage, mostly waiting
+        for item in run.stages:
+            after = [futures[n] for n in item.key["upstream"] if n in futures]  # the others are cached
+            if item.name in remote:
+                futures[item.name] = runner.submit(run_on_deployment, {
+                    "name": gpu_deployment, "item": item, "run": run, "spec_path": spec_path, "override": override},
+                    wait_for=after)
+            else:
+                futures[item.name] = runner.submit(run_stage, {
+                    "item": item, "spec": run.spec, "store_url": store_url(run.store), "force": item.name in run.forced,
+                    "placement": run.placement, "slots": slots}, wait_for=after)
+        for future in futures.values():
+            future.wait()
+    results = []
+    for future in futures.values():  # in plan order: the first failure is the one upstream
+        if future.state.name == "NotReady":
+            continue  # a stage downstream of a failure never started
+        result = outcome(future.state)
+        if isinstance(result, State):
+            return result
+        results.append(result)
+    return results
+
+
 def with_logs_to_prefect(fn: Callable[P, R]) -> Callable[P, R]:
     """`fn` run inside `logs_to_prefect()` (under @flow: Prefect reads `fn`'s signature through it)."""
     @functools.wraps(fn)
@@ -213,8 +244,8 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
     deployment, whose workers have `gpu_device`. `trust_remote_code` is the CLI's
     --trust-remote-code (a spec file cannot set it)."""
     if max_parallel is not None and max_parallel < 1:
-        return Failed(message=f"max_parallel: {max_parallel}; must be at least 1",
-                      data=InputError(f"max_parallel: {max_parallel}; must be at least 1"))
+        error = InputError(f"max_parallel: {max_parallel}; must be at least 1")
+        return Failed(message=str(error), data=error)
     placement = Placement(gpu=gpu_device, data=local_device()) if gpu_deployment else Placement()
     run = prepare_run(spec_path, store, until=until, only=only, force=force or [], override=override,
                       trust_remote_code=trust_remote_code, placement=placement)
@@ -226,30 +257,9 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
             check_deployment(gpu_deployment)
         except InputError as e:
             return Failed(message=str(e), data=e)  # before any stage runs; the CLI exits with code 2
-    slots = threading.BoundedSemaphore(max_parallel or default_parallel())
-    futures = {}
-    # Every stage gets a thread that waits for its inputs; `slots` bounds the ones building here.
-    with ThreadPoolTaskRunner(max_workers=max(len(run.stages), 1)) as runner:
-        for item in run.stages:
-            after = [futures[n] for n in item.key["upstream"] if n in futures]  # the others are cached
-            if item.name in remote:
-                futures[item.name] = runner.submit(run_on_deployment, {
-                    "name": gpu_deployment, "item": item, "run": run, "spec_path": spec_path, "override": override},
-                    wait_for=after)
-            else:
-                futures[item.name] = runner.submit(run_stage, {
-                    "item": item, "spec": run.spec, "store_url": store_url(run.store), "force": item.name in run.forced,
-                    "placement": run.placement, "slots": slots}, wait_for=after)
-        for future in futures.values():
-            future.wait()
-    results = []
-    for future in futures.values():  # in plan order: the first failure is the one upstream
-        if future.state.name == "NotReady":
-            continue  # a stage downstream of a failure never started
-        result = outcome(future.state)
-        if isinstance(result, State):
-            return result
-        results.append(result)
+    results = run_graph(run, remote, max_parallel or default_parallel(), gpu_deployment, spec_path, override)
+    if isinstance(results, State):
+        return results
     for result in results:
         if result.name == "eval":
             report = run_report(run.spec.name, store_url(run.store), result.fingerprint, run.spec.eval.gates)

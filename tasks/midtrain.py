@@ -19,9 +19,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from data_specs.errors import InputError
 from data_specs.schema import MidtrainSpec
@@ -31,6 +29,9 @@ from tasks.train.distributed import run_or_launch
 from tasks.train.lm_data import holdout_fields, is_validation, pack, split_by_document, training_documents
 from tasks.train.loop import Dist, check_time_limit, loop_resolution, pick_device, save_trained, train_loop
 
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (planning stays fast)
+    import torch
+
 
 def qa_text(question: str, answer: str) -> str:
     """How a Q&A pair reads in the mid-training mixture."""
@@ -39,6 +40,8 @@ def qa_text(question: str, answer: str) -> str:
 
 def draw(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """`n` blocks from a source: a seeded permutation, repeated or cut to length."""
+    import torch
+
     if n == 0 or len(blocks) == 0:
         return blocks[:0]
     g = torch.Generator().manual_seed(seed)
@@ -57,6 +60,8 @@ class MidtrainInputs:
 def mixture(cfg: MidtrainSpec, inputs: MidtrainInputs, tokenizer, block: int, where: str,
             fields: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(train blocks, validation blocks, manifest) of the documents + Q&A mixture."""
+    import torch
+
     docs, held_out = training_documents(inputs.documents, fields)
     doc_train, doc_val = split_by_document(docs, cfg.val_fraction, cfg.seed)
     pairs = inputs.pairs.train()

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from data_specs.errors import InputError
 from data_specs.schema import PretrainSpec
@@ -33,11 +32,16 @@ from tasks.train.lm_data import holdout_fields, packed_splits, training_document
 from tasks.train.loading import load_causal_lm
 from tasks.train.loop import Dist, check_time_limit, loop_resolution, pick_device, save_trained, train_loop
 
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (planning stays fast)
+    import torch
+
 VOCAB_MULTIPLE = 64  # embedding rows rounded up: faster matmuls, room for added tokens
 
 
 def load_checkpoint(path: Path, trust_remote_code: bool):
     """A local HF causal-LM checkpoint, safetensors only; anything else is bad input."""
+    import torch
+
     if not (path / "config.json").is_file():
         raise InputError(f"pretrain.from: {path} is not a model checkpoint (no config.json)")
     return load_causal_lm(path, trust_remote_code=trust_remote_code, field="pretrain.from",
@@ -46,6 +50,7 @@ def load_checkpoint(path: Path, trust_remote_code: bool):
 
 def new_model(spec: PretrainSpec, tokenizer) -> torch.nn.Module:
     """A freshly initialised Llama of the spec's dimensions (seeded)."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = spec.model.dims()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -33,13 +34,23 @@ from tasks.core.fingerprint import code_closure, code_digest, digest_key, file_d
 from tasks.core.graph import Graph
 from tasks.core.stage import Stage, Where
 
+# Device files a GPU driver creates (NVIDIA's, and AMD's for ROCm builds of torch, which answer as
+# "cuda" too); without any, torch cannot see a GPU and planning need not import it (~3 s on 2 cores).
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+CPUINFO = "/proc/cpuinfo"
+
 
 @cache
 def native_bf16(device: str) -> bool:
     """Whether this machine's `device` computes bf16 in hardware: a CUDA GPU with bf16 (Ampere on),
     or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated and slower than fp32.
     On the demo's 2-core AVX512-BF16 CPU, bf16 autocast is 1.3x fp32 for pretraining (after
-    tasks/core/allocator.py) and 1.8x for embedding."""
+    tasks/core/allocator.py) and 1.8x for embedding. On Linux the CPU's answer comes from the
+    kernel's flags (what torch.cpu asks cpuinfo for), so planning does not import torch."""
+    if device != "cuda":
+        flags = cpu_flags()
+        if flags is not None:
+            return bool(flags & {"avx512_bf16", "amx_tile"})
     import torch
 
     if device == "cuda":
@@ -47,9 +58,24 @@ def native_bf16(device: str) -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def cpu_flags() -> set[str] | None:
+    """The first CPU's feature flags from /proc/cpuinfo; None where there is no such file."""
+    try:
+        text = Path(CPUINFO).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
 @cache
 def local_device() -> str:
-    """"cuda" when this machine has a CUDA device, else "cpu" (hardware does not change while a process runs)."""
+    """"cuda" when this machine has a CUDA device, else "cpu" (hardware does not change while a process
+    runs). Without a GPU driver's device files there is none, and torch is not imported to say so."""
+    if not any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

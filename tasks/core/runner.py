@@ -156,9 +156,11 @@ class CriticalPath:
         """One line for `gristmill plan` and `gristmill run`."""
         if not self.stages:
             return "critical path: nothing to build"
+        if self.seconds == 0 and self.unknown:
+            return "critical path: not timed (no earlier run of these stages in this store)"
         line = (f"critical path: {' -> '.join(self.stages)}, ~{_minutes(self.seconds)} of ~{_minutes(self.total_s)} "
                 f"of stages to build (their last builds' wall times in this store)")
-        return line + (f"; never built here: {', '.join(self.unknown)}" if self.unknown else "")
+        return line + (f"; not timed (no earlier run here): {', '.join(self.unknown)}" if self.unknown else "")
 
 
 def _minutes(seconds: float) -> str:

@@ -8,9 +8,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from data_specs.errors import InputError, StageError
 from data_specs.schema import FinetuneSpec, LoraSpec
@@ -19,6 +17,9 @@ from tasks.core.keys import native_bf16
 from tasks.core.stage import RunContext, Where
 from tasks.train.loop import Deadline, TimeLimitReached
 
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (planning stays fast)
+    import torch
+
 log = logging.getLogger("gristmill")
 
 TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept across a killed run
@@ -26,6 +27,8 @@ TRAINER_DIR = "trainer"  # in the stage's work folder: TRL checkpoints, kept acr
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The short names of the model's linear layers (what LoRA can target)."""
+    import torch
+
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
@@ -50,6 +53,8 @@ def finetune_resolution(cfg: FinetuneSpec, where: Where) -> dict[str, Any]:
 
 def trainer_kwargs(spec: FinetuneSpec, ctx: RunContext, max_length: int) -> dict[str, Any]:
     """Arguments every TRL config here gets (SFTConfig and DPOConfig are TrainingArguments)."""
+    import torch
+
     cuda = ctx.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise StageError("this stage was planned for a CUDA device (its fingerprint says so), but this machine has "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from data_specs.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (planning stays fast)
+    import torch
 
 TOKENIZE_BATCH = 256  # documents per call to the fast tokenizer (it parallelises within a call)
 
@@ -57,6 +58,8 @@ def split_by_document(docs: Iterable[dict], fraction: float, seed: int) -> tuple
 def pack(texts: Sequence[str], tokenizer, block: int) -> torch.Tensor:
     """Token ids of every text, each followed by EOS, concatenated and cut into [n, block] rows
     (the tail shorter than one block is dropped)."""
+    import torch
+
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for start in range(0, len(texts), TOKENIZE_BATCH):

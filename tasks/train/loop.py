@@ -22,10 +22,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.distributed as torch_dist
+from typing import TYPE_CHECKING, Any
 
 from data_specs.errors import StageError
 from data_specs.schema import OptimSpec
@@ -33,6 +30,9 @@ from tasks.core.artifacts import Model
 from tasks.core.keys import native_bf16
 from tasks.core.progress import Progress
 from tasks.core.stage import Where
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (planning stays fast)
+    import torch
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -128,6 +128,8 @@ class BatchOrder:
         self.n, self.seed, self._perms = n_blocks, seed, {}
 
     def blocks(self, first: int, count: int) -> torch.Tensor:
+        import torch
+
         out = []
         for i in range(first, first + count):
             epoch, pos = divmod(i, self.n)
@@ -138,23 +140,27 @@ class BatchOrder:
         return torch.stack(out)
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, val: torch.Tensor, spec: OptimSpec, micro: int, device: torch.device,
              bf16: bool = False) -> float:
     """Mean next-token loss over a fixed subset of validation blocks."""
-    model.eval()
-    blocks = val[: spec.eval_blocks]
-    total = 0.0
-    for start in range(0, len(blocks), micro):
-        batch = blocks[start:start + micro].to(device)
-        with _autocast(device, bf16):
-            total += model(input_ids=batch, labels=batch).loss.float().item() * len(batch)
-    model.train()
-    return total / len(blocks)
+    import torch
+
+    with torch.no_grad():  # no autograd graph: nothing here is trained
+        model.eval()
+        blocks = val[: spec.eval_blocks]
+        total = 0.0
+        for start in range(0, len(blocks), micro):
+            batch = blocks[start:start + micro].to(device)
+            with _autocast(device, bf16):
+                total += model(input_ids=batch, labels=batch).loss.float().item() * len(batch)
+        model.train()
+        return total / len(blocks)
 
 
 def _autocast(device: torch.device, bf16: bool):
     """bf16 autocast where the hardware computes bf16 (loop_resolution decides), else plain fp32."""
+    import torch
+
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
@@ -167,6 +173,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 def mfu(tokens_per_s: float, model: torch.nn.Module, seq_len: int, device: torch.device, world: int) -> float | None:
     """Model FLOPs utilisation against the device's bf16 dense peak; None on CPU or unknown GPUs."""
+    import torch
+
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -176,6 +184,8 @@ def mfu(tokens_per_s: float, model: torch.nn.Module, seq_len: int, device: torch
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -206,6 +216,8 @@ def _load_state(model, optimizer, state: dict, dist: Dist) -> None:
 
 def _save_checkpoint(path: Path, model, optimizer, step: int, curve: list, tokens_seen: int, dist: Dist) -> None:
     """Atomic: written to a temp file, then renamed over the previous checkpoint (main process)."""
+    import torch
+
     model_state, optim_state = _full_state(model, optimizer, dist)
     if not dist.main:
         return
@@ -234,6 +246,9 @@ def _reduce_step(loss_sum: float, over: bool, dist: Dist, device: torch.device) 
 
     Every rank gets the same answer, so all stop at the same step boundary (a rank that stopped
     alone would leave the others waiting in a collective forever)."""
+    import torch
+    import torch.distributed as torch_dist
+
     if dist.world == 1:
         return loss_sum, over
     t = torch.tensor([loss_sum, float(over)], device=device)
@@ -251,6 +266,9 @@ def train_loop(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, s
     checkpoint and returns a LoopResult whose `stopped_at` is set (see check_time_limit).
     `checkpoint_every` (steps) and `compile_model` (CUDA only) are the runtime settings; `bf16`
     (autocast) is what loop_resolution resolved."""
+    import torch
+    import torch.distributed as torch_dist
+
     deadline = Deadline(time_limit)
     # ---- geometry: accumulation reaches batch_tokens with micro_batch sequences per pass
     seq_len = train.shape[1]
@@ -380,6 +398,8 @@ def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
 
 def pick_device(planned: str, dist: Dist = Dist()) -> torch.device:
     """This process's GPU when the plan put the stage on CUDA (the device is in its key), else the CPU."""
+    import torch
+
     if planned != "cuda":
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -17,9 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as torch_dist
-
 from data_specs.errors import InputError
 from data_specs.views import KeyedView, RuntimeView
 from tasks.core.allocator import keep_freed_memory
@@ -38,6 +35,9 @@ def _load(dumped: dict[str, Any] | None) -> Any:
 
 def main(job_path: str) -> int:
     """Joins the process group, runs its share of the stage, and (main process) reports."""
+    import torch
+    import torch.distributed as torch_dist
+
     job = json.loads(Path(job_path).read_text())
     keep_freed_memory()
     module = importlib.import_module(job["module"])  # the stage's own module: already in its code digest

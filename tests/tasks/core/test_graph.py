@@ -193,6 +193,8 @@ def test_the_plan_times_its_critical_path_by_the_last_builds_in_the_store():
     found = estimate_critical_path(rows, store, "me")
     assert (found.stages, found.seconds, found.total_s, found.unknown) == (["a", "b", "d"], 37.0, 37.0, ["d"])
     assert found.describe() == ("critical path: a -> b -> d, ~37 s of ~37 s of stages to build (their last builds' "
-                                "wall times in this store); never built here: d")
+                                "wall times in this store); not timed (no earlier run here): d")
     assert estimate_critical_path([row("a", [], cached=True)], store, "me").describe() == \
         "critical path: nothing to build"
+    assert estimate_critical_path([row("d", []), row("e", ["d"])], store, "me").describe() == \
+        "critical path: not timed (no earlier run of these stages in this store)"
