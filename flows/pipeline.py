@@ -23,13 +23,11 @@ the report are published, so an automation on the Failed state can tell the team
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import ParamSpec, TypeVar
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -55,7 +53,6 @@ from tasks.run_report import RunReport, publish_run_report
 # repeats the failure.
 RETRIES = 2
 RETRY_BACKOFF_S = 30.0
-P, R = ParamSpec("P"), TypeVar("R")
 # How often the pipeline asks the server whether a GPU stage's flow run has finished (s).
 DEPLOYMENT_POLL_S = 2.0
 
@@ -222,17 +219,8 @@ def run_graph(run: RunPlan, remote: set[str], max_parallel: int, gpu_deployment:
     return results
 
 
-def with_logs_to_prefect(fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn` run inside `logs_to_prefect()` (under @flow: Prefect reads `fn`'s signature through it)."""
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with logs_to_prefect():
-            return fn(*args, **kwargs)
-    return wrapper
-
-
 @flow(name="gristmill-pipeline")
-@with_logs_to_prefect
+@logs_to_prefect()  # a context manager, used as a decorator: Prefect reads the signature through it
 def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | None = None,
                        only: str | None = None, force: list[str] | None = None,
                        override: str | None = None, gpu_deployment: str | None = None,
@@ -269,7 +257,7 @@ def gristmill_pipeline(spec_path: str, store: str | None = None, until: str | No
 
 
 @flow(name="gristmill-stage")
-@with_logs_to_prefect
+@logs_to_prefect()  # a context manager, used as a decorator: Prefect reads the signature through it
 def gristmill_stage(spec_path: str, stage: str, store: str, force: bool = False, override: str | None = None,
                     fingerprint: str | None = None, trust_remote_code: bool = False,
                     gpu_device: str | None = None, data_device: str | None = None) -> StageResult | State:

@@ -187,11 +187,6 @@ class Graph:
             self.get(n)  # raises InputError for an unknown stage
         return {s for s in self._stages if s in names or self.ancestors(s) & names}
 
-    def critical_path(self, seconds: Mapping[str, float]) -> tuple[list[str], float]:
-        """`critical_path` over this graph's edges; stages missing from `seconds` take none."""
-        names = self.names()
-        return critical_path({n: seconds.get(n, 0.0) for n in names}, {n: self.needs(n) for n in names})
-
     def gpu_stages(self) -> list[str]:
         """The stages that train or run a model (the GPU work pool's, under --gpu-deployment)."""
         return [s.name for s in self if s.gpu]

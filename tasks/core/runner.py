@@ -87,12 +87,11 @@ class StageResult:
     record: ArtifactRecord
 
 
-def _previous_key(store: ArtifactStore, stage: str, run_name: str) -> dict[str, Any] | None:
-    """The key of the latest artifact of this stage, preferring runs of the same spec name."""
+def _latest(store: ArtifactStore, stage: str, run_name: str) -> ArtifactRecord | None:
+    """The newest artifact record of this stage, preferring runs of the same spec name."""
     history = store.history(stage)
     same = [r for r in history if r.run_name == run_name]
-    latest = (same or history)[-1:] if history else []
-    return latest[0].key if latest else None
+    return (same or history)[-1] if history else None
 
 
 def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = (), graph: Graph | None = None,
@@ -122,7 +121,7 @@ def plan(spec: RunSpec, store: ArtifactStore, force: Sequence[str] = (), graph: 
             elif found.damage:
                 reason = f"damaged: {found.damage}"
             else:
-                reason = explain_change(_previous_key(store, name, spec.name), k.key)
+                reason = explain_change(previous.key if (previous := _latest(store, name, spec.name)) else None, k.key)
             planned.append(PlannedStage(name, fp, k.key, cached, reason, store.location(name, fp), k.ancestry,
                                         starts.get(k.stage.start_from or ""), k.references))
     return planned
@@ -174,10 +173,9 @@ def estimate_critical_path(rows: Sequence[PlannedStage], store: ArtifactStore, r
     for row in rows:
         if row.cached:
             continue
-        history = store.history(row.name)
-        same = [r for r in history if r.run_name == run_name] or history
-        seconds[row.name] = same[-1].wall_s if same else 0.0
-        if not same:
+        latest = _latest(store, row.name, run_name)
+        seconds[row.name] = latest.wall_s if latest else 0.0
+        if latest is None:
             unknown.append(row.name)
     needs = {row.name: list(row.key.get("upstream", {})) for row in rows}
     path, along = critical_path(seconds, needs) if seconds else ([], 0.0)

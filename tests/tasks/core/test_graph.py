@@ -164,10 +164,11 @@ def test_the_critical_path_is_the_heaviest_chain_not_the_longest():
 def test_the_pipelines_critical_path_follows_its_edges():
     """With index slow, the path runs through index (which reads the corpus, not the models); with
     pretrain slow, through pretrain. Each stage on it reads the one before it."""
-    seconds = {name: 1.0 for name in PIPELINE.names()}
-    path, total = PIPELINE.critical_path({**seconds, "index": 100.0})
+    seconds = {name: 1.0 for name in PIPELINE.names()}  # in pipeline order: topological
+    needs = {name: PIPELINE.needs(name) for name in PIPELINE.names()}
+    path, total = critical_path({**seconds, "index": 100.0}, needs)
     assert path == ["ingest", "dedup", "quality", "index", "reader", "eval"] and total == 105.0
-    path, total = PIPELINE.critical_path({**seconds, "pretrain": 100.0})
+    path, total = critical_path({**seconds, "pretrain": 100.0}, needs)
     assert path == ["ingest", "dedup", "quality", "tokenizer", "pretrain", "midtrain", "sft", "dpo", "eval"]
     assert total == 108.0
     for earlier, later in itertools.pairwise(path):
