@@ -142,10 +142,16 @@ Source = Annotated[
 
 
 class Filters(Section):
-    """Length bounds applied after normalisation; rejected documents are kept with their reason."""
+    """Length bounds and a sample, applied after normalisation; rejected documents are kept with
+    their reason."""
 
     min_chars: int = Field(50, ge=0, description="Shortest document kept, in characters.")
     max_chars: int = Field(200_000, ge=1, description="Longest document kept, in characters.")
+    sample: float = Field(
+        1.0, gt=0, le=1, description="Share of the documents kept, each chosen by a hash of its id and "
+        "`sample_seed` (the same documents on every run, in any order); the others are rejected as "
+        "`not_sampled`. For a quick run on part of a corpus.")
+    sample_seed: int = Field(0, description="Seed of the sample.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Filters:

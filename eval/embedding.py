@@ -72,15 +72,20 @@ class Embedder:
                     else nullcontext())
         batch = batch_size or self.settings.batch_size
         step = max(batch, 64)  # calls of this many texts, for progress
+        # Batches of texts of like length pad least: sorted by length across the whole call, not
+        # only within each model.encode call (the eval's retrieved sentences: 0.79x the time).
+        order = np.argsort([len(t) for t in texts], kind="stable") if batch > 1 else np.arange(len(texts))
         rows = []
         with autocast:
             for first in range(0, len(texts), step):
-                piece = texts[first:first + step]
+                piece = [texts[i] for i in order[first:first + step]]
                 rows.append(self.model.encode(piece, batch_size=batch, normalize_embeddings=True,
                                               convert_to_numpy=True, show_progress_bar=False).astype(np.float32))
                 if on_done is not None:
                     on_done(first + len(piece))
-        return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+        vectors = np.empty((len(texts), dim), dtype=np.float32)
+        vectors[order] = np.concatenate(rows)
+        return vectors
 
 
 def text_key(text: str) -> bytes:

@@ -22,6 +22,11 @@ Why it is built this way:
   come from one distribution and cannot disagree.
 - "No significant difference" is not "equal": that sentence gives the interval and the minimum
   detectable difference. Under MIN_QUESTIONS questions no winner is named.
+- An arm that answers empty (nothing left after normalisation) to DEGENERATE_EMPTY of the
+  questions or more is failing to answer, not answering wrong: its F1 of ~0 says nothing of what it
+  knows, and a comparison it enters says nothing of which approach is better. The sentence then
+  opens with a caution naming it. The statistics and the winner rule do not change: a caution
+  informs the reader, it cannot make or unmake a winner (so the null simulation holds as is).
 
 The interval in the sentence is the unadjusted (1 - alpha) interval of the difference; the
 p-values are given Holm-adjusted and unadjusted, each labelled. A winner needs the
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -48,6 +53,7 @@ CONTROLS = frozenset({"reader"})  # reported, never compared
 # values) and only huge differences would be detectable: no winner is named.
 MIN_QUESTIONS = 30
 POWER = 0.8  # of the minimum detectable difference
+DEGENERATE_EMPTY = 0.5  # share of empty answers from which an arm is said not to answer
 DIFF_RANGE = (-1.0, 1.0)  # a difference of two F1 means; intervals are clipped to it
 
 
@@ -95,12 +101,13 @@ class Verdict:
     means: dict[str, float]  # mean F1 of every arm given, references and controls included
     alpha: float
     resamples: int
+    cautions: list[str] = field(default_factory=list)  # compared arms that do not answer (DEGENERATE_EMPTY)
 
     def to_dict(self) -> dict[str, Any]:
         """A dict that json.dumps accepts with allow_nan=False: NaN becomes None."""
         return {"sentence": self.sentence, "comparisons": [c.to_dict() for c in self.comparisons],
                 "means": {k: _plain(v) for k, v in self.means.items()}, "alpha": self.alpha,
-                "resamples": self.resamples}
+                "resamples": self.resamples, "cautions": list(self.cautions)}
 
 
 def _plain(value: Any) -> Any:
@@ -152,13 +159,15 @@ def _outcome(d: np.ndarray, r: PairedResult, p_adjusted: float, alpha: float) ->
 
 
 def decide(scores: Mapping[str, Sequence[float]], clusters: Sequence[str | None], resamples: int, seed: int,
-           alpha: float = 0.05) -> Verdict:
+           alpha: float = 0.05, empty_rates: Mapping[str, float] | None = None) -> Verdict:
     """The verdict on per-question F1 in [0, 1] of each arm (`scores[arm][i]`: question i, every
     arm on the same questions in the same order; NaN is reported, not dropped) with
     `clusters[i]` the source document of question i (None: a question of its own). `resamples`
     bootstrap resamples (2000 is usual; at least 1 / alpha), `seed` makes them reproducible;
     `alpha` is the family-wise error rate: the chance of naming any winner when no arm is
-    better. Holm runs over every comparison made that has a p-value."""
+    better. Holm runs over every comparison made that has a p-value. `empty_rates[arm]`: the
+    share of the arm's answers that were empty; a compared arm at DEGENERATE_EMPTY or above gets
+    a caution at the head of the sentence."""
     arms = {arm: np.asarray(v, dtype=float).reshape(-1) for arm, v in scores.items()}
     for arm, x in arms.items():
         if len(x) != len(clusters):
@@ -180,7 +189,20 @@ def decide(scores: Mapping[str, Sequence[float]], clusters: Sequence[str | None]
             n_invalid=int(np.count_nonzero(~np.isfinite(d))), outcome=outcome,
             winner={1: a, -1: b}.get(side)))
     tested = sum(not math.isnan(c.p) for c in comparisons)
-    return Verdict(_sentence(comparisons, means, alpha, tested), comparisons, means, alpha, resamples)
+    cautions = _cautions(comparisons, empty_rates or {})
+    sentence = _sentence(comparisons, means, alpha, tested)
+    if cautions:
+        sentence = (f"caution: {'; '.join(cautions)}, so a comparison with such an arm says nothing about "
+                    f"what its model knows; {sentence}")
+    return Verdict(sentence, comparisons, means, alpha, resamples, cautions)
+
+
+def _cautions(comparisons: list[Comparison], empty_rates: Mapping[str, float]) -> list[str]:
+    """One phrase per compared arm that answered empty at DEGENERATE_EMPTY or more, in order of
+    appearance."""
+    arms = dict.fromkeys(arm for c in comparisons for arm in (c.a, c.b))
+    return [f"{arm} gave an empty answer to {empty_rates[arm]:.0%} of the questions" for arm in arms
+            if empty_rates.get(arm, 0.0) >= DEGENERATE_EMPTY]
 
 
 def _p(p: float) -> str:

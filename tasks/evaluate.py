@@ -6,13 +6,14 @@ Reads:   Q&A pairs (the held-out split, or `eval.score_questions`), the fine-tun
 Writes:  answers.jsonl (every question, every arm's answer, scores, retrieved chunk ids),
          summary.json (everything the report shows), report.md, report.html, f1.png, loss.png,
          lengths.png (the data card's document lengths).
-Metrics: {"verdict": "...", "comparisons": [{a, b, diff, ci, p, p_adjusted, n, n_clusters,
+Metrics: {"verdict": "...", "cautions": [compared arms that answered empty to half the questions
+         or more], "comparisons": [{a, b, diff, ci, p, p_adjusted, n, n_clusters,
          winner, ...}], "arms": {arm: {n, em, f1, f1_ci, ...}}, "retrieval": {strict recall@1, @5,
          @k, @seen}, "retrieval_lenient": {...}, "questions", "refused_questions"}
 Alone:   gristmill run SPEC --only eval; gristmill eval SPEC --questions FILE
 
 summary.json keys (what eval/report.py reads): questions, question_source, k, max_new_tokens,
-refused, design, arms, verdict, comparisons, by_retrieval, retrieval, leakage, stages,
+refused, design, arms, verdict, cautions, comparisons, by_retrieval, retrieval, leakage, stages,
 lineage, data_card (the quality stage's data_card.json, or null), disagreements.
 """
 
@@ -46,7 +47,8 @@ from tasks.core.stage import Metrics, RunContext, Stage
 from tasks.evaluation import generators, lineage
 from tasks.train.loading import load_embedder
 
-SENTENCE_BATCH = 32  # texts per encoder call for the extractive arm's sentences (never cached)
+SENTENCE_BATCH = 16  # texts per encoder call for the extractive arm's sentences (never cached); sorted by
+# length, 16 beat 64 and 128 on 2 cores (BENCHMARKS.md: the demo)
 
 
 @dataclass(frozen=True)
@@ -179,10 +181,12 @@ def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metr
     in_front, seen = seen_source(qs, found, idx.chunks, answers, cfg.k)
     retrieval = recall(qs, found.ids, idx.chunks, cfg.k, seen=seen)
     contenders = {a: [s["f1"] for s in rows] for a, rows in scores.items() if ARMS[a].role != "reference"}
-    verdict = decide(contenders, [q.doc_id for q in qs], cfg.bootstrap, cfg.seed)
+    verdict = decide(contenders, [q.doc_id for q in qs], cfg.bootstrap, cfg.seed,
+                     empty_rates={a: arms[a]["empty_rate"] for a in contenders})
     summary = {"questions": len(qs), "question_source": source, "k": cfg.k, "max_new_tokens": cfg.max_new_tokens,
                "refused": {"count": len(refused), "ids": refused}, "design": models.design(cfg),
-               "arms": arms, "verdict": verdict.sentence, "comparisons": [c.to_dict() for c in verdict.comparisons],
+               "arms": arms, "verdict": verdict.sentence, "cautions": verdict.cautions,
+               "comparisons": [c.to_dict() for c in verdict.comparisons],
                "by_retrieval": by_retrieval(scores, in_front),
                "retrieval": {"retriever": cfg.retrieval, "strict": retrieval.strict, "lenient": retrieval.lenient},
                "leakage": lineage.leakage(inputs.pairs, ctx.lineage), "stages": lineage.stage_rows(ctx),
@@ -193,7 +197,8 @@ def build(cfg: EvalSpec, inputs: EvalInputs, out: Path, ctx: RunContext) -> Metr
     (out / Report.SUMMARY).write_text(json.dumps(_plain(summary), indent=2, ensure_ascii=False, allow_nan=False))
     curves = {name: path for name in ctx.lineage if (path := ctx.fetch(name, Model.CURVE)) is not None}
     write_report(out, _plain(summary), charts(_plain(summary), curves))
-    return _plain({"verdict": verdict.sentence, "comparisons": summary["comparisons"], "arms": arms,
+    return _plain({"verdict": verdict.sentence, "cautions": verdict.cautions, "comparisons": summary["comparisons"],
+                   "arms": arms,
                    "retrieval": retrieval.strict, "retrieval_lenient": retrieval.lenient,
                    "questions": len(qs), "refused_questions": len(refused)})
 

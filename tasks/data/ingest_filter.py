@@ -1,5 +1,6 @@
-"""The ingest filter: drops unreadable records and documents outside the length bounds, each with
-a reason, into the rejects; counts read and kept documents per source.
+"""The ingest filter: drops unreadable records, documents outside the length bounds and those
+outside the sample (`corpus.filters.sample`), each with a reason, into the rejects; counts read
+and kept documents per source.
 
 A module of its own, imported when ingest builds (tasks/ingest.py): datatrove's filter base class
 is slow to import (its package imports every filter, and datatrove.io brings in huggingface_hub),
@@ -15,6 +16,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers import JsonlWriter
 
 from data_specs.schema import Filters
+from tasks.train.lm_data import hash_unit
 
 if TYPE_CHECKING:
     from datatrove.data import Document
@@ -39,6 +41,8 @@ class IngestFilter(BaseFilter):
             return False, "too_short"
         if len(doc.text) > self.filters.max_chars:
             return False, "too_long"
+        if self.filters.sample < 1 and hash_unit(self.filters.sample_seed, doc.id) >= self.filters.sample:
+            return False, "not_sampled"
         return True
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

@@ -25,6 +25,17 @@ def test_a_vector_does_not_depend_on_its_batch_mates(minilm, precision):
     assert together.dtype == np.float32 and np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-3)
 
 
+def test_batched_texts_are_encoded_by_length_and_returned_in_their_own_order(minilm):
+    """Batches are formed from texts sorted by length (least padding); every row is still the
+    vector of the text at its place, within the last bits that padding changes."""
+    embedder = Embedder(minilm.model, EmbeddingSettings("fp32", 1))
+    texts = TEXTS * 3 + [t.upper() for t in TEXTS]  # 20 texts of mixed lengths, in no length order
+    alone = embedder.encode(texts)
+    batched = embedder.encode(texts, batch_size=4)
+    assert batched.shape == alone.shape and (alone * batched).sum(axis=1).min() > 0.9999
+    assert np.array_equal(batched[:5], embedder.encode(texts, batch_size=4)[:5])  # deterministic
+
+
 def test_bf16_vectors_stay_close_to_fp32(minilm):
     fp32 = Embedder(minilm.model, EmbeddingSettings("fp32", 1)).encode(TEXTS)
     bf16 = Embedder(minilm.model, EmbeddingSettings("bf16", 1)).encode(TEXTS)

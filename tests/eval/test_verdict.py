@@ -191,3 +191,21 @@ def test_under_the_null_a_false_winner_is_named_at_most_alpha_of_the_time():
     bound = 0.05 + 2 * math.sqrt(0.05 * 0.95 / sims)  # 0.0695
     assert named / sims <= bound, named / sims
     assert uncorrected / sims > bound, uncorrected / sims
+
+
+def test_an_arm_that_answers_empty_gets_a_caution_and_changes_no_outcome():
+    """An arm whose answers are mostly empty is named at the head of the sentence; the comparisons,
+    their outcomes and the winner are those of the same scores without the rates."""
+    scores, docs = evaluation(5, {"finetuned": 0.0, "rag": 0.1, COMBINED: 0.0})
+    plain = decide(scores, docs, 999, 0)
+    rates = {"finetuned": 1.0, "rag": 0.49, COMBINED: 0.5, "reader": 1.0}
+    v = decide(scores, docs, 999, 0, empty_rates=rates)
+    assert v.comparisons == plain.comparisons
+    assert v.cautions == ["finetuned gave an empty answer to 100% of the questions",
+                          f"{COMBINED} gave an empty answer to 50% of the questions"]  # rag under; reader never compared
+    assert v.sentence == ("caution: finetuned gave an empty answer to 100% of the questions; finetuned+rag gave an "
+                          "empty answer to 50% of the questions, so a comparison with such an arm says nothing about "
+                          f"what its model knows; {plain.sentence}")
+    assert strict_json(v)["cautions"] == v.cautions and "\n" not in v.sentence
+    calm = decide(scores, docs, 999, 0, empty_rates={"finetuned": 0.2, "rag": 0.0, COMBINED: 0.49})
+    assert calm.cautions == [] and calm.sentence == plain.sentence and plain.cautions == []

@@ -116,6 +116,10 @@ def test_eval_metrics_have_the_promised_shape(evaluated):
     assert (primary["a"], primary["b"]) == ("finetuned", "rag")
     assert all(c["a"] not in ("gold", "rag-extractive", "reader") for c in m["comparisons"])
     assert m["verdict"] and "rag" in m["verdict"]
+    compared = dict.fromkeys(arm for c in m["comparisons"] for arm in (c["a"], c["b"]))
+    silent = [f"{arm} gave an empty answer to {m['arms'][arm]['empty_rate']:.0%} of the questions"
+              for arm in compared if m["arms"][arm]["empty_rate"] >= 0.5]
+    assert m["cautions"] == silent and m["verdict"].startswith("caution: ") == bool(silent)
 
 
 def test_the_report_names_the_heaviest_chain_of_the_stages_it_lists(evaluated):

@@ -10,6 +10,7 @@ import pytest
 from data_specs.errors import InputError
 from tasks.core.runner import execute, plan
 from tasks.ingest import normalize_text
+from tasks.train.lm_data import hash_unit
 from tests.conftest import SpecFactory, doc_text, write_jsonl
 
 
@@ -111,3 +112,36 @@ def test_text_folder_parquet_and_hf_dataset_sources(project, tmp_path):
 def test_normalize_text():
     assert normalize_text("  caf\u0065\u0301\r\nline\u00a0two  \n\n\n\nend\x00 ") == "caf\u00e9\nline two\n\nend"
     assert normalize_text("keeps\n    indentation") == "keeps\n    indentation"
+
+
+def test_a_sample_keeps_the_same_documents_in_any_order_and_rejects_the_rest_with_a_reason(project):
+    """`filters.sample` keeps a document when the hash of its id and the seed falls under the
+    share: the kept set is exactly that, does not depend on the order of the corpus, changes with
+    the seed, and every other document is in the rejects as `not_sampled`."""
+    rows = [{"id": f"d{i}", "text": doc_text(i)} for i in range(60)]
+    data = project.root / "data" / "docs.jsonl"
+
+    def kept(order: list[dict], **filters) -> tuple[set[str], dict]:
+        write_jsonl(data, order)
+        result = run_ingest(project, corpus={"sources": [{"kind": "jsonl", "path": "data/*.jsonl", "id_field": "id"}],
+                                             "filters": {"min_chars": 10, **filters}})
+        ids = {d["id"] for d in read_docs(Path(result.path) / "documents")}
+        rejects = read_docs(Path(result.path) / "rejects")
+        assert {r["metadata"]["filter_reason"] for r in rejects} <= {"not_sampled"}
+        assert ids | {r["id"] for r in rejects} == {r["id"] for r in rows} and not ids & {r["id"] for r in rejects}
+        return ids, result.record.metrics
+
+    expected = {r["id"] for r in rows if hash_unit(0, r["id"]) < 0.4}
+    ids, metrics = kept(rows, sample=0.4)
+    assert ids == expected and 10 < len(ids) < 40
+    assert metrics["rejected_by_reason"] == {"not_sampled": 60 - len(ids)}
+    assert kept(rows[::-1], sample=0.4)[0] == expected
+    other = kept(rows, sample=0.4, sample_seed=1)[0]
+    assert other != expected and other == {r["id"] for r in rows if hash_unit(1, r["id"]) < 0.4}
+    assert kept(rows)[0] == {r["id"] for r in rows}  # the default keeps every document
+
+
+@pytest.mark.parametrize("share", [0, -0.1, 1.5])
+def test_a_sample_outside_0_to_1_names_the_field(project, share):
+    with pytest.raises(InputError, match=r"corpus.filters.sample"):
+        project.load(corpus={"sources": [{"kind": "jsonl", "path": "data/*.jsonl"}], "filters": {"sample": share}})
