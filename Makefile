@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python bench/qa_rules.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/trl_speed.py
+	$(BIN)/python bench/dpo_speed.py
 	$(BIN)/python bench/rag_eval.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/lease.py

@@ -27,6 +27,8 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -89,9 +91,10 @@ def trainer(tokenizer, model, qa, work: Path, batch: int, steps: int, checkpoint
     return t
 
 
-def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bool, compact: bool,
-            bf16: bool) -> float:
-    """Real (non-padding) tokens/s of `steps` TRL steps."""
+@contextmanager
+def fused_head(compact: bool) -> Iterator[None]:
+    """TRL's fused LM head as TRL sets it, or (`compact`) scoring only the labelled positions as
+    gristmill's stages do; TRL's own rule is back after."""
     import trl.trainer.utils as fused
 
     original = fused._use_triton
@@ -100,15 +103,25 @@ def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bo
 
         score_labelled_positions_only()
     try:
-        with tempfile.TemporaryDirectory() as work:
-            t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, checkpointing, bf16)
-            start = time.perf_counter()
-            t.train()
-            elapsed = time.perf_counter() - start
-            seen = [len(x) for x in t.train_dataset["input_ids"]][: steps * batch]  # no shuffle beyond epoch 1
-            tokens = sum(seen) if steps * batch <= len(t.train_dataset) else sum(seen) * steps * batch / len(seen)
+        yield
     finally:
         fused._use_triton = original
+
+
+def train_seconds(t) -> float:
+    start = time.perf_counter()
+    t.train()
+    return time.perf_counter() - start
+
+
+def trl_run(tokenizer, make_model, qa, batch: int, steps: int, checkpointing: bool, compact: bool,
+            bf16: bool) -> float:
+    """Real (non-padding) tokens/s of `steps` TRL steps."""
+    with fused_head(compact), tempfile.TemporaryDirectory() as work:
+        t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, checkpointing, bf16)
+        elapsed = train_seconds(t)
+        seen = [len(x) for x in t.train_dataset["input_ids"]][: steps * batch]  # no shuffle beyond epoch 1
+        tokens = sum(seen) if steps * batch <= len(t.train_dataset) else sum(seen) * steps * batch / len(seen)
     return tokens / elapsed
 
 
@@ -144,11 +157,12 @@ def _plain_loss(model, b, labels, labelled_only: bool):
                                              ignore_index=-100)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, batch: str) -> argparse.Namespace:
+    """The options of the TRL benchmarks (this one and bench/dpo_speed.py); quiets the libraries."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="nano", choices=sorted(MODEL_PRESETS), help="model size preset")
     parser.add_argument("--vocab", type=int, default=8192, help="the model's vocabulary (the demo's: 8192)")
-    parser.add_argument("--batch", type=int, default=16, help="examples per step (the demo's sft.batch_size)")
+    parser.add_argument("--batch", type=int, default=16, help=batch)
     parser.add_argument("--steps", type=int, default=20, help="steps timed per row")
     parser.add_argument("--repeats", type=int, default=2, help="runs per row, interleaved; the best is kept")
     args = parser.parse_args()
@@ -156,6 +170,29 @@ def main() -> None:
     import datasets
 
     datasets.disable_progress_bars()
+    return args
+
+
+def best_rates(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """The best tokens/s of each row over `repeats` rounds, interleaved, so a burst of load hits
+    every row alike."""
+    best = {name: 0.0 for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = max(best[name], run())
+    return best
+
+
+def print_rates(rows: dict[str, float], baseline: str, called: str) -> None:
+    """A line per row, its tokens/s against the baseline row's, then the ratio line of gristmill's row."""
+    width = max(map(len, rows)) + 1
+    for name, rate in rows.items():
+        print(f"{name:<{width}} {rate:>8,.0f} real tokens/s   x{rate / rows[baseline]:.2f} of {called}")
+    print(f"ratio={rows['trl as gristmill runs it'] / rows[baseline]:.2f}")
+
+
+def main() -> None:
+    args = arguments(__doc__, "examples per step (the demo's sft.batch_size)")
     tokenizer, make_model, qa = setup(args.preset, args.batch * (args.steps + 1), args.vocab)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     keep_freed_memory()  # as every stage build does (tasks/core/runner.py)
@@ -172,14 +209,7 @@ def main() -> None:
         "trl, no checkpointing": lambda: trl_run(tokenizer, make_model, qa, b, n, False, False, device == "cuda"),
         "trl as gristmill runs it": lambda: trl_run(tokenizer, make_model, qa, b, n, device == "cuda", True, bf16),
     }
-    rows = {name: 0.0 for name in runs}
-    for _ in range(args.repeats):  # interleaved, so a burst of load hits every row alike
-        for name, run in runs.items():
-            rows[name] = max(rows[name], run())
-    plain = rows["plain loop, labelled positions"]
-    for name, rate in rows.items():
-        print(f"{name:<31} {rate:>8,.0f} real tokens/s   x{rate / plain:.2f} of the labelled-positions loop")
-    print(f"ratio={rows['trl as gristmill runs it'] / plain:.2f}")
+    print_rates(best_rates(runs, args.repeats), "plain loop, labelled positions", "the labelled-positions loop")
 
 
 if __name__ == "__main__":

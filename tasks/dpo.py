@@ -11,7 +11,8 @@ Preference pairs: the prompt is the question (the eval prompt template, closed b
 the reference answer; rejected is the SFT model's own greedy answer when its token F1 to the
 reference is below `rejected_f1_threshold`, else the answer of another question, from the
 same document when there is one. TRL's DPOTrainer; with LoRA the reference model is the SFT
-model with the adapter disabled (no second copy in memory).
+model with the adapter disabled (no second copy in memory). Its fused LM head scores only the
+completion positions on CPU too, as sft's does (bench/dpo_speed.py measures what that buys).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tasks.train.finetune import (
     history,
     lora_config,
     save_models,
+    score_labelled_positions_only,
     train,
     trainer_kwargs,
     write_history,
@@ -100,6 +102,7 @@ def build(cfg: DPOSpec, inputs: DPOInputs, out: Path, ctx: RunContext) -> Metric
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in prefs])
     peft = lora_config(cfg.lora, model, "dpo") if cfg.lora else None
+    score_labelled_positions_only()  # as sft: on CPU too, the LM head projects only the completions' positions
     args = DPOConfig(**trainer_kwargs(cfg, ctx, max_length), beta=cfg.beta, loss_type=[cfg.loss_type])
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
     resumed = train(trainer, ctx.work, "dpo", time_limit=ctx.resources.time_limit)
