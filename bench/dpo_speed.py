@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import random
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from trl_speed import (  # bench/trl_speed.py: the demo's model, a tokenizer, th
     arguments,
     best_rates,
     fused_head,
+    plain_loop,
     print_rates,
     setup,
     train_seconds,
@@ -110,22 +110,14 @@ def plain_run(make_model, collated: list[dict], bf16: bool) -> float:
     """Real tokens/s of a plain DPO loop over the batches TRL's collator makes."""
     policy = make_model().train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=2e-4)
-    autocast = torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
-    tokens = 0
-    start = time.perf_counter()
-    for b in collated:
-        with autocast:
-            chosen, rejected = sequence_logps(policy, b).chunk(2)
-            with torch.no_grad():
-                ref_chosen, ref_rejected = sequence_logps(reference, b).chunk(2)
-            loss = -F.logsigmoid(BETA * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += int(b["attention_mask"].sum())
-    return tokens / (time.perf_counter() - start)
+
+    def loss(b: dict) -> torch.Tensor:
+        chosen, rejected = sequence_logps(policy, b).chunk(2)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = sequence_logps(reference, b).chunk(2)
+        return -F.logsigmoid(BETA * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+    return plain_loop(policy, collated, loss, 2e-4, bf16)
 
 
 def main() -> None:

@@ -131,14 +131,19 @@ def plain_run(tokenizer, make_model, qa, batch: int, steps: int, labelled_only: 
         t = trainer(tokenizer, make_model(), qa, Path(work), batch, steps, False, False)
         batches = [b for _, b in zip(range(steps), t.get_train_dataloader())]
     model = make_model().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return plain_loop(model, batches, lambda b: _plain_loss(model, b, b["labels"][:, 1:], labelled_only), 1e-3, bf16)
+
+
+def plain_loop(model, batches: list[dict], loss_of: Callable[[dict], torch.Tensor], lr: float, bf16: bool) -> float:
+    """Real tokens/s of a plain training loop: per batch, `loss_of(batch)` under autocast (bf16
+    when asked), backward, clip to 1, AdamW step. The baseline of both TRL benchmarks."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     tokens = 0
     start = time.perf_counter()
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     for b in batches:
-        labels = b["labels"][:, 1:]
         with autocast:
-            loss = _plain_loss(model, b, labels, labelled_only)
+            loss = loss_of(b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
