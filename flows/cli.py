@@ -64,11 +64,14 @@ def _start_prefect_server() -> None:
     otherwise all migrate its SQLite database at once and fail ("duplicate column name")."""
     import fcntl
 
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    # The server's app (~3 s of imports on 2 cores) only when this process starts it: a run
+    # against a team's server (PREFECT_API_URL) never does.
+    from prefect.server.api.server import SubprocessASGIServer
+
     home = Path(PREFECT_HOME.value())
     home.mkdir(parents=True, exist_ok=True)
     with (home / "gristmill-server-start.lock").open("a") as lock:

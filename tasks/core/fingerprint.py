@@ -16,9 +16,11 @@ fingerprint = sha256 of the canonical JSON of the stage's *key*:
      "upstream": {stage: fingerprint} of the artifacts it reads}
 
 Left out on purpose: worker counts, store location, log level, timestamps, run ids, and the
-libraries in NEUTRAL_LIBS. Nothing is memoised beyond one plan: a long-lived worker hashes
-code and inputs again for every plan, so an edit is never missed. Library versions are read
-from the installed metadata each plan, too.
+libraries in NEUTRAL_LIBS. Code and inputs are hashed again for every plan, so a long-lived
+worker never misses an edit. What outlives a plan is keyed by the state of the file it was read
+from, so an edit or an install is seen by the next plan: the names a module imports (parsed
+once per module file's size, mtime and inode) and a distribution's version and requirements
+(read once per metadata file's); a plan still locates every distribution afresh.
 
 The requirement closure is deliberately wide: upgrading any package a stage's code can reach
 rebuilds the stage. A pinned environment (constraints.txt) upgrades rarely and on purpose;
@@ -53,10 +55,14 @@ FIRST_PARTY = (*OWN_PACKAGES, "data_specs", "flows")  # gristmill's own: never a
 NEUTRAL_LIBS = frozenset({"prefect", "tqdm", "loguru"})
 FINGERPRINT_CHARS = 20  # 80 bits: collisions are out of reach for any realistic store
 
-# What one plan has already read (file digests by (path, size, mtime, inode), parsed modules,
-# distribution metadata), so ten stages sharing code read it once; None outside `fresh()`,
-# where nothing is kept: a long-lived worker reads everything again for its next plan.
+# What one plan has already read (file digests by (path, size, mtime, inode), module sources,
+# distributions), so ten stages sharing code read it once; None outside `fresh()`, where nothing
+# is kept: a long-lived worker reads everything again for its next plan.
 _PLAN: dict[str, dict[Any, Any]] | None = None
+# What later plans of this process reuse, each keyed by the state of the file it came from
+# (`file_state`): a module's imports, a distribution's metadata. Parsing them was ~1 s of
+# every plan on 2 cores, and a CLI run plans twice (the CLI, then its flow).
+_PROCESS: dict[tuple[Any, ...], Any] = {}
 
 
 def _memo(kind: str) -> dict[Any, Any]:
@@ -93,6 +99,12 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_state(path: Path) -> tuple[str, int, int, int]:
+    """(path, size, mtime, inode): what an edit, a replacement or a reinstall of a file changes."""
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def file_digest(path: Path) -> str:
@@ -174,10 +186,13 @@ def code_closure(*modules: str) -> tuple[dict[str, Path], set[str]]:
 
 
 def _module_imports(path: Path, name: str) -> set[str]:
-    """The names a module file imports (parsed once per plan)."""
+    """The names a module file imports (its state read once per plan, parsed once per state)."""
     memo = _memo("imports")
     if name not in memo:
-        memo[name] = _imported_names(parse_source(path), name, path.name == "__init__.py")
+        key = ("imports", name, file_state(path))
+        if key not in _PROCESS:
+            _PROCESS[key] = _imported_names(parse_source(path), name, path.name == "__init__.py")
+        memo[name] = _PROCESS[key]
     return memo[name]
 
 
@@ -216,6 +231,7 @@ def source_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
+@cache
 def _repository_root() -> Path:
     """The folder holding the gristmill packages (where `tasks/` is)."""
     return Path(__file__).resolve().parents[2]
@@ -264,16 +280,41 @@ def _distribution(name: str) -> tuple[str, list[str]]:
         except importlib.metadata.PackageNotFoundError:
             memo[name] = ("absent", [])  # an optional requirement not installed
             return memo[name]
-        requires = []
-        for line in dist.requires or []:
-            try:
-                req = Requirement(line)
-            except InvalidRequirement:
-                continue
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                requires.append(canonicalize_name(req.name))
-        memo[name] = (dist.version, requires)
+        key = _metadata_key(name, dist)
+        if key is None or key not in _PROCESS:
+            found = (dist.version, _requires(dist))
+            if key is None:
+                memo[name] = found
+                return found
+            _PROCESS[key] = found
+        memo[name] = _PROCESS[key]
     return memo[name]
+
+
+def _metadata_key(name: str, dist: importlib.metadata.Distribution) -> tuple[Any, ...] | None:
+    """What identifies the metadata of an installed distribution: its metadata file's state (an
+    upgrade installs another dist-info folder, a reinstall rewrites the file); None for a
+    distribution not read from a file, which is then read again each plan."""
+    folder = getattr(dist, "_path", None)  # importlib's PathDistribution: its dist-info folder
+    if not isinstance(folder, Path):
+        return None
+    for metadata in ("METADATA", "PKG-INFO"):
+        if (folder / metadata).is_file():
+            return "dist", name, file_state(folder / metadata)
+    return None
+
+
+def _requires(dist: importlib.metadata.Distribution) -> list[str]:
+    """The distributions `dist` requires here: environment markers evaluated, extras not taken."""
+    requires = []
+    for line in dist.requires or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            requires.append(canonicalize_name(req.name))
+    return requires
 
 
 def installed_version(distribution: str) -> str:

@@ -73,6 +73,17 @@ def test_a_fully_cached_rerun_does_not_start_prefects_temporary_server(built_sto
     assert "temporary server on http" not in out, out[-2000:]
 
 
+def test_a_run_against_a_team_server_does_not_import_prefects_server_app():
+    """With PREFECT_API_URL set, the CLI never starts a server, so it must not pay the ~3 s of
+    importing one (prefect.server.api.server) on every run."""
+    code = ("import os, sys\nos.environ['PREFECT_API_URL'] = 'http://127.0.0.1:9/api'\n"
+            "from flows.cli import _start_prefect_server\n_start_prefect_server()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('prefect.server.api')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
 def test_plan_json(built_store):
     proc = gristmill("plan", str(TINY), "--store", str(built_store), "--json")
     assert proc.returncode == 0, proc.stderr

@@ -285,6 +285,48 @@ def test_an_edit_that_keeps_size_and_time_is_seen_by_the_next_plan(project):
     assert fingerprints(project)["ingest"] != before["ingest"]
 
 
+def test_a_module_given_a_new_import_is_walked_by_the_next_plan(tmp_path, monkeypatch):
+    """A module's imports are parsed once per state of its file, across plans: an edit is seen."""
+    (tmp_path / "tasks").mkdir()
+    for name in ("__init__", "b", "c"):
+        (tmp_path / "tasks" / f"{name}.py").write_text("")
+    a = tmp_path / "tasks" / "a.py"
+    a.write_text("from tasks import b\n")
+    monkeypatch.setattr(fingerprint, "_repository_root", lambda: tmp_path)
+    with fingerprint.fresh():
+        assert set(code_closure("tasks.a")[0]) == {"tasks", "tasks.a", "tasks.b"}
+    a.write_text("from tasks import b\nimport tasks.c\n")
+    with fingerprint.fresh():
+        assert set(code_closure("tasks.a")[0]) == {"tasks", "tasks.a", "tasks.b", "tasks.c"}
+
+
+def _dist_info(site: Path, version: str, requires: str = "") -> Path:
+    folder = site / f"fake_gristmill_lib-{version}.dist-info"
+    folder.mkdir(parents=True)
+    (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fake-gristmill-lib\nVersion: {version}\n{requires}")
+    (folder / "top_level.txt").write_text("fake_gristmill_lib\n")
+    return folder
+
+
+def test_an_upgrade_or_a_rewritten_metadata_file_is_seen_by_the_next_plan(tmp_path, monkeypatch):
+    """A distribution's metadata is read once per state of its METADATA file, across plans."""
+    site = tmp_path / "site"
+    monkeypatch.syspath_prepend(str(site))
+    old = _dist_info(site, "1.0", "Requires-Dist: numpy\n")
+    with fingerprint.fresh():
+        first = fingerprint.requirement_closure(["fake-gristmill-lib"])
+        assert first["fake-gristmill-lib"] == "1.0" and "numpy" in first
+    with fingerprint.fresh():  # nothing changed: the same answer
+        assert fingerprint.requirement_closure(["fake-gristmill-lib"]) == first
+    (old / "METADATA").write_text((old / "METADATA").read_text().replace("Requires-Dist: numpy\n", ""))
+    with fingerprint.fresh():  # the file rewritten in place: read again
+        assert fingerprint.requirement_closure(["fake-gristmill-lib"]) == {"fake-gristmill-lib": "1.0"}
+    shutil.rmtree(old)
+    _dist_info(site, "2.0")  # what pip does on an upgrade: another dist-info folder
+    with fingerprint.fresh():
+        assert fingerprint.requirement_closure(["fake-gristmill-lib"]) == {"fake-gristmill-lib": "2.0"}
+
+
 def _tiny(tmp_path: Path, overrides: dict):
     """tiny.yaml with `overrides` laid over it, loaded from a copy beside its corpus."""
     folder = tmp_path / "spec"
