@@ -327,6 +327,16 @@ def test_an_upgrade_or_a_rewritten_metadata_file_is_seen_by_the_next_plan(tmp_pa
         assert fingerprint.requirement_closure(["fake-gristmill-lib"]) == {"fake-gristmill-lib": "2.0"}
 
 
+def test_installed_metadata_is_read_as_importlib_reads_it():
+    """The fast readers (headers only, RECORD as text) give importlib's answers, so no key changes."""
+    assert fingerprint._distributions() == importlib.metadata.packages_distributions()
+    with fingerprint.fresh():
+        for name in {fingerprint.canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}:
+            dist = importlib.metadata.distribution(name)
+            slow = (dist.version, fingerprint._runtime_requirements(dist.requires))
+            assert fingerprint._distribution(name) == slow, name
+
+
 def _tiny(tmp_path: Path, overrides: dict):
     """tiny.yaml with `overrides` laid over it, loaded from a copy beside its corpus."""
     folder = tmp_path / "spec"
