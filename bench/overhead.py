@@ -13,7 +13,11 @@ committed tree (git HEAD), since a fingerprint covers the code: an edit made whi
 benchmark runs would otherwise rebuild stages of a "cached" rerun; --worktree runs the
 working tree as it is.
 
-    python bench/overhead.py [--spec data_specs/tiny.yaml] [--repeats 2] [--worktree]
+    python bench/overhead.py [--spec data_specs/tiny.yaml] [--repeats 2] [--worktree] [--server]
+
+--server measures a team's setup instead of the ephemeral mode: a `prefect server start` of its
+own (in the temporary PREFECT_HOME) and PREFECT_API_URL pointing at it for every run, so the
+prefect variant records its runs there, and a fully cached rerun goes through Prefect too.
 
 The last line printed is `ratio=X.XX`: Prefect's best wall time over the direct one (1.00 is
 no overhead; the goal is <= 1.05 on data_specs/python_docs.yaml). On a machine shared with
@@ -120,22 +124,59 @@ def measure(spec: str, repeats: int, code: Path, root: Path,
     return times, outside
 
 
+def start_server(env: dict[str, str], root: Path) -> subprocess.Popen:
+    """`prefect server start` on a free local port; sets PREFECT_API_URL in `env` once healthy."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    with (root / "server.log").open("wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env={**env, "PREFECT_UI_ENABLED": "false"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the Prefect server exited; see {root / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2):
+                env["PREFECT_API_URL"] = api
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"no healthy Prefect server after 180 s; see {root / 'server.log'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="data_specs/tiny.yaml", help="run spec (the demo: data_specs/python_docs.yaml, "
                         "about 11 minutes per run on 2 cores)")
     parser.add_argument("--repeats", type=int, default=2, help="fresh runs of each variant (alternating); best counts")
     parser.add_argument("--worktree", action="store_true", help="run the working tree as it is, not a snapshot of HEAD")
+    parser.add_argument("--server", action="store_true", help="runs record to a Prefect server of their own "
+                        "(PREFECT_API_URL), as a team's do, instead of Prefect's temporary one")
     args = parser.parse_args()
 
     # Kept when a run fails (its logs say why); removed after a complete benchmark.
     root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     code, commit = (REPO, "working tree") if args.worktree else snapshot(root / "code")
     env = {**os.environ, **ENV, "PREFECT_HOME": str(root / "prefect-home")}
-    timed([sys.executable, "-c", WARM_PREFECT], code, env, root / "warm.log")  # creates Prefect's database
-    print(f"spec: {args.spec} (code: {commit}); {args.repeats} fresh runs of each variant, order "
-          f"{' '.join(order(args.repeats))}; each followed by a fully cached rerun", flush=True)
-    times, outside = measure(args.spec, args.repeats, code, root, env)
+    env.pop("PREFECT_API_URL", None)
+    server = start_server(env, root) if args.server else None
+    try:
+        timed([sys.executable, "-c", WARM_PREFECT], code, env, root / "warm.log")  # creates Prefect's database
+        print(f"spec: {args.spec} (code: {commit}); Prefect: {'a server of its own' if server else 'ephemeral'}; "
+              f"{args.repeats} fresh runs of each variant, order {' '.join(order(args.repeats))}; each followed by a "
+              "fully cached rerun", flush=True)
+        times, outside = measure(args.spec, args.repeats, code, root, env)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
     shutil.rmtree(root)
 
     mean = lambda values: sum(values) / len(values)
@@ -144,6 +185,7 @@ def main() -> None:
         extra = f" {mean(outside[name]):23.1f}" if name in outside else ""
         print(f"{name:15} {min(values):7.1f} {mean(values):7.1f}{extra}")
     print(f"Prefect adds {mean(outside['prefect']) - mean(outside['direct']):.1f} s outside the stages (mean)")
+    print(f"cached ratio={min(times['prefect cached']) / min(times['direct cached']):.2f}")
     print(f"ratio={min(times['prefect']) / min(times['direct']):.2f}")
 
 
