@@ -112,8 +112,7 @@ def file_state(path: Path) -> tuple[str, int, int, int]:
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read once per plan."""
-    st = path.stat()
-    key, memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino), _memo("files")
+    key, memo = file_state(path), _memo("files")
     if key not in memo:
         memo[key] = sha256_file(path)
     return memo[key]
