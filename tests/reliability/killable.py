@@ -15,17 +15,28 @@ group (datatrove or torchrun children included), sent from a thread of this proc
                              first; TRL's second checkpoint folder without its trainer_state.json.
 Exit 0 means the run finished before any kill; 3 means a stage failed (message on stderr).
 `--fsize-limit` sets RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG instead).
+
+    python -m tests.reliability.killable --serve
+
+imports what the stages import (~11 s on 2 cores, which every trial would pay again), then runs
+one trial per line of stdin (a JSON object: "argv", the arguments above, and "stderr", a file for
+its standard error) in a child forked from itself, in a process group of its own as a trial run
+alone has, and answers each line with the child's exit status (-9 when killed). `Warm` is the
+client the fault tests use.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 
@@ -108,7 +119,7 @@ def kill_later(work: Path, args: argparse.Namespace) -> None:
     die()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Runs SPEC up to UNTIL in STORE; see the module docstring."""
     parser = argparse.ArgumentParser()
     parser.add_argument("spec")
@@ -119,7 +130,7 @@ def main() -> int:
     parser.add_argument("--kill-at-publish", action="store_true")
     parser.add_argument("--kill-in-checkpoint-save", action="store_true")
     parser.add_argument("--fsize-limit", type=int)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.fsize_limit:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -141,5 +152,70 @@ def main() -> int:
     return 0
 
 
+# ---------------------------------------------------------------- a warm process to fork trials from
+
+PRELOAD = ("torch", "transformers.modeling_utils", "trl", "peft", "sentence_transformers", "faiss", "bm25s",
+           "datatrove.executor", "datatrove.pipeline.dedup", "datatrove.pipeline.filters", "spacy",
+           "tasks.registry", "tasks.core.runner")
+
+
+def serve() -> int:
+    """`--serve`: see the module docstring. Nothing here runs a torch operation before a fork (no
+    thread pool to inherit), as DataLoader workers are forked after `import torch`."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(trial(request["argv"], request["stderr"]))
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+    return 0
+
+
+def trial(argv: list[str], stderr: str) -> int:
+    """In the forked child: a process group of its own, stdout to /dev/null, stderr to `stderr`."""
+    os.setsid()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+class Warm:
+    """The client of a `--serve` process: `run(argv, folder)` -> (exit status, standard error)."""
+
+    def __init__(self, cwd: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.killable", "--serve"], cwd=cwd,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"killable --serve exited with {self.proc.wait()} before it was ready")
+
+    def run(self, argv: list[str], folder: Path) -> tuple[int, str]:
+        err = folder / "killable.stderr"
+        self.proc.stdin.write(json.dumps({"argv": argv, "stderr": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        status = self.proc.stdout.readline()
+        if not status:
+            raise RuntimeError(f"killable --serve exited with {self.proc.wait()}")
+        return int(status), err.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

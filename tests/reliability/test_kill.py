@@ -9,8 +9,9 @@ half-written counts as done, reruns, and compares with the uninterrupted run. Ki
                    not yet renamed over the first one)
   publish          after the build folder is renamed into place, before artifact.json
 Most trials run through tests/reliability/killable.py (tasks.core.runner without Prefect: the
-CLI's start-up costs seconds); the `cli` one runs the real `gristmill` command and is
-killed from outside, and their reruns and plans go through the CLI too.
+CLI's start-up costs seconds), each in a process of its own forked from one that has already
+imported the stages' libraries (`killable --serve`); the `cli` one runs the real `gristmill`
+command and is killed from outside, and their reruns and plans go through the CLI too.
 
 GRISTMILL_KILL_TRIALS (default 21: one round) and GRISTMILL_KILL_SEED (default 8) set the trials; the
 seeds, kill points and outcomes are printed (pytest -s) and written to kill-trials.json in
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from tests.reliability.conftest import (
     needs,
     payload,
 )
+from tests.reliability.killable import Warm
 
 pytestmark = pytest.mark.slow
 
@@ -127,15 +130,14 @@ def delay(trial: Trial, golden: Golden) -> float:
 # ---------------------------------------------------------------- running and killing
 
 
-def kill_with_runner(trial: Trial, store: Path, seconds: float) -> int:
-    """Runs killable.py up to the trial's stage with its kill point armed; its exit code."""
+def kill_with_runner(warm: Warm, trial: Trial, store: Path, seconds: float) -> int:
+    """Runs killable.py up to the trial's stage with its kill point armed (in a process forked from
+    `warm`); its exit code."""
     flag = {"timed": ["--kill-after", f"{seconds:.4f}"], "checkpoint": ["--kill-after-checkpoint", f"{seconds:.4f}"],
             "checkpoint-save": ["--kill-in-checkpoint-save"], "publish": ["--kill-at-publish"]}[trial.kind]
-    proc = subprocess.run([sys.executable, "-m", "tests.reliability.killable", str(TINY), str(store), trial.stage, *flag],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, timeout=900, check=False)
-    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
-    return proc.returncode
+    code, err = warm.run([str(TINY), str(store), trial.stage, *flag], store.parent)
+    assert code in (0, -signal.SIGKILL), err[-3000:]
+    return code
 
 
 def window_open(trial: Trial, store: Path, fingerprint: str) -> bool:
@@ -235,6 +237,15 @@ def check_recovered(trial: Trial, store: Path, golden: Golden, states: dict[str,
 
 
 @pytest.fixture(scope="module")
+def warm() -> Iterator[Warm]:
+    """A process that has imported what the stages import, to fork each trial's run from: the
+    trials are about the store, and 20 of them would otherwise pay ~11 s of imports each."""
+    server = Warm(REPO)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """Collects every trial's outcome; printed and written to JSON after the last trial."""
     yield RESULTS
@@ -247,7 +258,7 @@ def report(tmp_path_factory):
 
 
 @pytest.mark.parametrize("trial", schedule(TRIALS, SEED), ids=lambda t: t.id)
-def test_killed_run_recovers(trial: Trial, golden: Golden, report: list, tmp_path: Path) -> None:
+def test_killed_run_recovers(trial: Trial, golden: Golden, report: list, warm: Warm, tmp_path: Path) -> None:
     start = time.perf_counter()
     for attempt in range(1, ATTEMPTS + 1):
         store = tmp_path / f"store-{attempt}"
@@ -256,7 +267,7 @@ def test_killed_run_recovers(trial: Trial, golden: Golden, report: list, tmp_pat
         if trial.via == "cli":
             code = kill_cli(trial, store, golden.fingerprint(trial.stage), seconds)
         else:
-            code = kill_with_runner(trial, store, seconds)
+            code = kill_with_runner(warm, trial, store, seconds)
         if code == -signal.SIGKILL and trial.stage not in finished(store):
             break
         # The stage finished before the kill (a busy machine runs faster or slower than the
@@ -285,10 +296,10 @@ def test_four_runs_started_together(four_runs: FourRuns, golden: Golden) -> None
     assert sorted(p.name for p in store.iterdir()) == sorted([".locks", ".work", "runs", *STAGES])
 
 
-def test_trl_checkpoint_killed_mid_save_resumes(golden: Golden, tmp_path: Path) -> None:
+def test_trl_checkpoint_killed_mid_save_resumes(golden: Golden, warm: Warm, tmp_path: Path) -> None:
     trial = Trial(TRIALS, "sft", "checkpoint-save", "runner", 0.0)
     store = tmp_path / "store"
     golden.seed_store(store, needs("sft"))
-    assert kill_with_runner(trial, store, 0.0) == -signal.SIGKILL
+    assert kill_with_runner(warm, trial, store, 0.0) == -signal.SIGKILL
     check_killed_state(trial, store, golden)
     check_recovered(trial, store, golden, rerun(trial, store))
