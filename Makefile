@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # multi-GB CUDA build, e.g. `make install TORCH_INDEX="--index-url <your cpu wheel index>"`.
 TORCH_INDEX ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test soak bench clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/gristmill run data_specs/python_docs.yaml
 
+# Two pytest-xdist workers, a test module to a worker (tests/conftest.py says why); TEST_WORKERS=0
+# runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The kill trials past the one round `make test` runs: three rounds give every stage each of its kill
+# points (RELIABILITY.md); the trial table is printed and kept in kills.json.
+soak: install
+	GRISTMILL_KILL_TRIALS=51 GRISTMILL_KILL_REPORT=kills.json $(BIN)/python -m pytest -q -s tests/reliability/test_kill.py -k killed_run
 
 # Each benchmark prints a ratio against a baseline measured in the same run (BENCHMARKS.md).
 bench: install
