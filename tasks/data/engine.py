@@ -72,10 +72,30 @@ def run_pipeline(
     return merged_stats(logs)
 
 
+# datatrove's local executor talks to its worker processes through a multiprocessing Manager, over
+# a Unix socket at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: 32 characters past TMPDIR, and a socket
+# path holds at most 107. Past that the Manager's process dies at start and the stage fails with
+# a bare EOFError (seen with a deep TMPDIR in tests/reliability/test_security.py).
+SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def check_socket_dir() -> None:
+    """Bad input, before any work, when TMPDIR is too long for the local executor's socket."""
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    if len(tmp) + SOCKET_SUFFIX > SOCKET_PATH_MAX:
+        raise InputError(f"TMPDIR: {tmp} is {len(tmp)} characters; datatrove's local executor needs a Unix "
+                         f"socket in it, whose path may be at most {SOCKET_PATH_MAX} characters: set TMPDIR to "
+                         f"a folder of at most {SOCKET_PATH_MAX - SOCKET_SUFFIX} characters")
+
+
 def _executor(pipeline: Sequence[PipelineStep], logs: Path, executor: ExecutorSpec, tasks: int):
     """The datatrove executor the spec asks for."""
     if executor.kind == "local":
         from datatrove.executor import LocalPipelineExecutor
+
+        check_socket_dir()
 
         return LocalPipelineExecutor(pipeline=list(pipeline), tasks=tasks, workers=min(executor.workers, tasks),
                                      logging_dir=str(logs), skip_completed=True)

@@ -20,6 +20,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,15 @@ def isolated_env(root: Path, **extra: str) -> dict[str, str]:
             "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO", **extra}
 
 
+@pytest.fixture
+def side() -> Iterator[Path]:
+    """The root for `isolated_env`, on a short path: TMPDIR is under it, and a deep one (a pytest-xdist
+    worker's temp folder) leaves no room for datatrove's socket (tasks/data/engine.py check_socket_dir)."""
+    path = Path(tempfile.mkdtemp(prefix="gm-side-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def gristmill(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([*GRISTMILL, *args], check=False, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd, env=env)
@@ -276,7 +287,7 @@ def flow_run_parameters(prefect_home: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_remote_code_runs_only_with_the_cli_flag(cli_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_code_runs_only_with_the_cli_flag(cli_project: Path, side: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = cli_project / "remote-code-ran"
     monkeypatch.setenv("GRISTMILL_REMOTE_CODE_MARKER", str(marker))
     folder = remote_code_folder(cli_project)
@@ -290,7 +301,6 @@ def test_remote_code_runs_only_with_the_cli_flag(cli_project: Path, monkeypatch:
 
     # With the flag, in a process of its own: the folder's code is imported (and copied into
     # HF_MODULES_CACHE, here a temp folder), so the marker appears and pretrain builds.
-    side = cli_project / "side-remote"
     proc = gristmill([*args, "--trust-remote-code"], isolated_env(side), cli_project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.read_text() == "the folder's code ran"
@@ -383,7 +393,7 @@ HOSTILE_DOCS = [{"id": "../../../../escape-by-id", "text": doc_text(7)},
 
 
 @pytest.mark.slow
-def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, tmp_path: Path) -> None:  # noqa: F811
+def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, side: Path, tmp_path: Path) -> None:  # noqa: F811
     """Every stage through the CLI, qa by the openai generator (a live fake endpoint) with
     the key in the environment variable the spec names, document ids and paths shaped like
     escapes. Then: the folders around the store are as they were, and the key (raw or base64)
@@ -402,7 +412,7 @@ def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, tmp_path:
         "qa": {"generator": "openai", "per_doc": 1, "paraphrases": 1, "openai": {
             "base_url": base_url, "model": "fake", "api_key_env": KEY_ENV, "chunk_chars": 400, "timeout_s": 20}},
         "eval": {**SMALLEST["eval"], "questions": "../project/questions.jsonl"}}))
-    store, side = sandbox / "store", tmp_path / "side"
+    store = sandbox / "store"
     env = isolated_env(side, **{KEY_ENV: KEY})
     before = listing(tmp_path, skip=(store, side))
 

@@ -145,3 +145,25 @@ def test_a_sample_keeps_the_same_documents_in_any_order_and_rejects_the_rest_wit
 def test_a_sample_outside_0_to_1_names_the_field(project, share):
     with pytest.raises(InputError, match=r"corpus.filters.sample"):
         project.load(corpus={"sources": [{"kind": "jsonl", "path": "data/*.jsonl"}], "filters": {"sample": share}})
+
+
+@pytest.mark.parametrize("length, ok", [(75, True), (76, False)])
+def test_a_tmpdir_too_long_for_the_local_executors_socket_is_bad_input_naming_it(project, monkeypatch, length, ok):
+    """datatrove's local executor needs a Unix socket under TMPDIR (at most 107 characters with its
+    32-character suffix): 75 characters still build; 76 are bad input naming TMPDIR, where
+    multiprocessing's Manager would die and leave a bare EOFError."""
+    import shutil
+    import tempfile
+
+    folder = Path("/tmp") / f"gm-{os.getpid()}-".ljust(length - len("/tmp/"), "d")
+    assert len(str(folder)) == length
+    folder.mkdir()
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(folder))
+        if ok:
+            assert run_ingest(project).state == "built"
+        else:
+            with pytest.raises(InputError, match=rf"TMPDIR: {folder} is 76 characters; .* at most 75 characters"):
+                run_ingest(project)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
