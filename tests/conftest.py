@@ -9,11 +9,10 @@ start-ups and imports are single-threaded; 49% busy over test_cli + test_pipelin
 took 25 min 49 s serially and 19 min 03 s in two workers computing on one thread each (fresh
 clones, the same quiet machine). What a session builds once, the tiny store and the four
 simultaneous runs, is built once for both workers: in a folder they share (`shared_folder`), by
-whichever worker takes its lock first."""
+whichever worker takes its lock (the store's build lock) first."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,18 +161,6 @@ def shared_folder(tmp_path_factory, name: str) -> Path:
     return path
 
 
-@contextmanager
-def only_one(lock: Path) -> Iterator[None]:
-    """Held by one process at a time (an exclusive flock on the file `lock`): what one worker builds
-    for the session, the other waits for and then reuses."""
-    with lock.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @dataclass(frozen=True)
 class FourRuns:
     """Four `gristmill run tiny.yaml` started together on one fresh store."""
@@ -190,7 +176,7 @@ def four_runs(tmp_path_factory) -> FourRuns:
     the lock first runs them and keeps their outputs beside the store for the other."""
     root = shared_folder(tmp_path_factory, "four-runs")
     store, outputs = root / "store", root / "outputs.json"
-    with only_one(root / "lock"):
+    with ArtifactStore(root).lock("four-runs", "outputs"):  # the store's build lock, across processes
         if not outputs.exists():
             env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
             procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(TINY), "--store", str(store)],
@@ -220,7 +206,7 @@ def tiny_store(request, tmp_path_factory) -> Path:
         assert [code for code, _, _ in runs.outputs] == [0] * 4, [err[-2000:] for _, _, err in runs.outputs]
         return runs.store
     store = Path(keep) if keep else shared_folder(tmp_path_factory, "tiny") / "store"
-    with only_one(store.parent / f"{store.name}.lock"):
+    with ArtifactStore(store).lock("golden", "session"):
         run = prepare_run(TINY, str(store))
         for item in run.stages:
             for stale in (store / item.name).glob("*"):

@@ -9,7 +9,11 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = """
-import resource, sys
+import ctypes, resource, sys
+# PR_SET_THP_DISABLE: 4 KiB pages whatever the machine's transparent huge pages can give. With
+# them a 64 MiB buffer is 32 faults when the kernel finds free 2 MiB blocks and 16,384 when it
+# does not, so the default's count swung from ~10,900 to 661 between two runs on one machine.
+assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0
 import numpy as np
 if sys.argv[1] == "tuned":
     from tasks.core.allocator import keep_freed_memory
@@ -30,7 +34,7 @@ def _page_faults(mode: str) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_buffers_are_reused_instead_of_faulted_in_again():
-    """Page faults over 20 steps: by default every step maps and zeroes fresh pages (10,880 faults
-    here, with numpy's transparent huge pages); tuned, the first step's pages serve the rest (495)."""
+    """Page faults over 20 steps of 4 KiB pages: by default every step maps and zeroes fresh pages
+    (327,700 faults, three runs alike); tuned, the first step's pages serve the rest (16,335)."""
     default, tuned = _page_faults("default"), _page_faults("tuned")
-    assert tuned * 5 < default, (default, tuned)
+    assert tuned * 10 < default, (default, tuned)
