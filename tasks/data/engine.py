@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,8 +82,6 @@ SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, len("/pymp-XXXXXXXX/listener-XXXXXXXX")
 
 def check_socket_dir() -> None:
     """Bad input, before any work, when TMPDIR is too long for the local executor's socket."""
-    import tempfile
-
     tmp = tempfile.gettempdir()
     if len(tmp) + SOCKET_SUFFIX > SOCKET_PATH_MAX:
         raise InputError(f"TMPDIR: {tmp} is {len(tmp)} characters; datatrove's local executor needs a Unix "

@@ -3,6 +3,8 @@
 import gzip
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -152,9 +154,6 @@ def test_a_tmpdir_too_long_for_the_local_executors_socket_is_bad_input_naming_it
     """datatrove's local executor needs a Unix socket under TMPDIR (at most 107 characters with its
     32-character suffix): 75 characters still build; 76 are bad input naming TMPDIR, where
     multiprocessing's Manager would die and leave a bare EOFError."""
-    import shutil
-    import tempfile
-
     folder = Path("/tmp") / f"gm-{os.getpid()}-".ljust(length - len("/tmp/"), "d")
     assert len(str(folder)) == length
     folder.mkdir()
