@@ -254,6 +254,25 @@ def wait_healthy(api: str, proc: subprocess.Popen, timeout: float, logs: Callabl
     raise AssertionError(f"no healthy Prefect server after {timeout} s\n{logs()}")
 
 
+def assert_task_states(flow_run_id, expected: dict[str, str], only: set[str] | None = None, timeout: float = 60) -> None:
+    """The task runs of a flow run (those named in `only`, if given), as the Prefect server records
+    them, are `expected` (name -> state name), within `timeout` seconds. Prefect 3 sends task-run
+    states to the server as events, which it records asynchronously: a read right after the flow
+    returned once saw a task run still Pending under its first name (run_stage-194) and no report."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            states = {run.name: run.state.name for run in runs if run.state and (only is None or run.name in only)}
+            if states == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert states == expected
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
     """One Prefect server for a session that runs end-to-end (`slow`) tests, with

@@ -15,7 +15,7 @@ from data_specs.errors import GateFailed, InputError, StageError, TransientError
 from flows.pipeline import gristmill_pipeline, gristmill_stage
 from tasks.core.runner import StageResult, plan
 from tasks.registry import PIPELINE
-from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, finetuned_f1, tiny_copy
+from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, assert_task_states, finetuned_f1, tiny_copy
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.slow
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def task_states(flow_run_id) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in runs}
 
 
 def run(factory: SpecFactory, force: list[str] = ()):
@@ -41,15 +35,15 @@ def run(factory: SpecFactory, force: list[str] = ()):
 def test_rerun_shows_cached_task_runs(harness, project):
     first, results = run(project)
     assert [r.state for r in results] == ["built", "built"]
-    assert task_states(first.state_details.flow_run_id) == {"ingest": "Completed", "dedup": "Completed"}
+    assert_task_states(first.state_details.flow_run_id, {"ingest": "Completed", "dedup": "Completed"})
 
     second, results = run(project)
     assert [r.state for r in results] == ["cached", "cached"]
-    assert task_states(second.state_details.flow_run_id) == {"ingest": "Cached", "dedup": "Cached"}
+    assert_task_states(second.state_details.flow_run_id, {"ingest": "Cached", "dedup": "Cached"})
 
     third, results = run(project, force=["dedup"])
     assert [r.state for r in results] == ["cached", "built"]
-    assert task_states(third.state_details.flow_run_id) == {"ingest": "Cached", "dedup": "Completed"}
+    assert_task_states(third.state_details.flow_run_id, {"ingest": "Cached", "dedup": "Completed"})
 
 
 def test_deleted_artifact_is_rebuilt_even_if_prefect_remembers_it(harness, project):
@@ -116,8 +110,8 @@ def test_a_failed_stage_stops_what_reads_it_and_nothing_else(harness, project, m
     assert stopped == {n for n in graph.ancestors("reader") | {"reader"} if "tokenizer" in graph.ancestors(n)}
     started = {name for kind, name in events if kind == "start"}
     assert started == graph.ancestors("reader") - stopped and {"qa", "index"} <= started
-    assert task_states(state.state_details.flow_run_id) == {
-        **{n: "Completed" for n in started - {"tokenizer"}}, "tokenizer": "Failed", **{n: "NotReady" for n in stopped}}
+    assert_task_states(state.state_details.flow_run_id, {
+        **{n: "Completed" for n in started - {"tokenizer"}}, "tokenizer": "Failed", **{n: "NotReady" for n in stopped}})
 
 
 def test_max_parallel_below_one_is_bad_input(harness, project):
@@ -143,8 +137,8 @@ def test_a_failed_gate_fails_the_flow_run_after_every_stage_and_the_report(harne
     assert expected in state.message
     with pytest.raises(GateFailed, match="1 of 1 regression gate"):
         state.result()
-    assert task_states(state.state_details.flow_run_id) == {**{s: "Cached" for s in PIPELINE.names()},
-                                                             "report": "Completed"}
+    assert_task_states(state.state_details.flow_run_id, {**{s: "Cached" for s in PIPELINE.names()},
+                                                         "report": "Completed"})
     assert "| **FAIL** |" in (store / "runs" / "tiny" / "report.md").read_text()
 
 
@@ -186,6 +180,7 @@ def test_transient_failure_is_retried(harness, project, monkeypatch, failure):
     state = gristmill_pipeline(str(project.write()), project.store.url, until="ingest", return_state=True)
     assert [r.state for r in state.result()] == ["built"]
     assert calls == ["ingest", "ingest"]
+    assert_task_states(state.state_details.flow_run_id, {"ingest": "Completed"})
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert [(r.name, r.state.name, r.run_count) for r in runs] == [("ingest", "Completed", 2)]
@@ -277,6 +272,6 @@ def test_remote_store_is_the_cache_and_holds_no_prefect_pickles(harness, project
     assert [r.state for r in first.result()] == ["built"]
     second = gristmill_pipeline(str(project.write()), s3_store, until="ingest", return_state=True)
     assert [r.state for r in second.result()] == ["cached"]
-    assert task_states(second.state_details.flow_run_id) == {"ingest": "Cached"}
+    assert_task_states(second.state_details.flow_run_id, {"ingest": "Cached"})
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     assert not fs.exists("gristmill-prefect/team/.prefect")
