@@ -44,6 +44,9 @@ from tasks.core.runner import (
 from tasks.run_report import publish_run_report, run_report_location
 
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
+# Prefect waits 20 s for its temporary server; a busy 2-core machine (four runs started together,
+# each importing torch) needs longer.
+SERVER_STARTUP_TIMEOUT_S = 120
 log = logging.getLogger("gristmill")
 
 
@@ -53,9 +56,7 @@ def _offline_defaults() -> None:
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect waits 20 s for its temporary server; a busy 2-core machine (four runs started
-    # together, each importing torch) needs longer.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
 
 
 def _start_prefect_server() -> None:
@@ -64,7 +65,12 @@ def _start_prefect_server() -> None:
     otherwise all migrate its SQLite database at once and fail ("duplicate column name")."""
     import fcntl
 
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
@@ -76,7 +82,11 @@ def _start_prefect_server() -> None:
     home.mkdir(parents=True, exist_ok=True)
     with (home / "gristmill-server-start.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        SubprocessASGIServer().start()  # the instance Prefect's client uses for this process
+        # The timeout passed, not only set in the environment (_offline_defaults): a process that
+        # imported Prefect before calling main() keeps the settings it read then (the tests' in-process
+        # CLI timed out after Prefect's 20 s while three test workers shared 2 cores).
+        timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), SERVER_STARTUP_TIMEOUT_S)
+        SubprocessASGIServer().start(timeout=timeout)  # the instance Prefect's client uses for this process
 
 
 def _print_plan(rows: Sequence[PlannedStage], out=None) -> None:

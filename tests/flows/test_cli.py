@@ -84,6 +84,29 @@ def test_a_run_against_a_team_server_does_not_import_prefects_server_app():
     assert proc.stdout.strip() == "[]", proc.stdout
 
 
+def test_the_temporary_server_gets_two_minutes_to_start_even_in_a_process_that_read_prefects_settings(
+        monkeypatch, tmp_path):
+    """Prefect's 20 s is too short on a busy 2-core machine. The CLI sets the environment variable
+    before Prefect reads it, which a process that imported Prefect earlier (the CLI called as
+    main() from Python, as tests do) never sees: the timeout is passed to the server as well."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    from flows.cli import _start_prefect_server
+
+    timeouts = []
+    monkeypatch.setattr(SubprocessASGIServer, "start", lambda self, timeout=None: timeouts.append(timeout))
+    with temporary_settings({PREFECT_API_URL: None, PREFECT_HOME: tmp_path,
+                             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 20}):
+        _start_prefect_server()
+    assert timeouts == [120]
+
+
 def test_plan_json(built_store):
     proc = gristmill("plan", str(TINY), "--store", str(built_store), "--json")
     assert proc.returncode == 0, proc.stderr
