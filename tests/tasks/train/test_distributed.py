@@ -23,7 +23,9 @@ def test_killed_fsdp_pretrain_resumes_from_its_checkpoint(tmp_path):
     # 16 steps, a checkpoint every 4: the kill lands after the first with most of the run still ahead.
     extra = {"resources": {"pretrain": {"gpus": 2, "strategy": "fsdp"}},
              "pretrain": {**FAST_PRETRAIN, "tokens": 32_768, "eval_every": 4, "checkpoint_every": 4}}
-    clean = run_until(tiny_project(tmp_path / "clean", **extra), "pretrain")["pretrain"].record.metrics
+    clean_run = run_until(tiny_project(tmp_path / "clean", **extra), "pretrain")["pretrain"]
+    check_launch(clean_run, "fsdp")  # the clean run is also the FSDP launch test (a torchrun start-up less)
+    clean = clean_run.record.metrics
 
     factory = tiny_project(tmp_path / "killed", **extra)
     run_until(factory, "tokenizer")
@@ -52,17 +54,22 @@ def test_killed_fsdp_pretrain_resumes_from_its_checkpoint(tmp_path):
     assert not list(factory.store.local_root.glob(".work/pretrain/*"))  # scratch removed once published
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_through_torchrun(tmp_path, strategy):
-    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP or FSDP."""
-    factory = tiny_project(tmp_path, resources={"pretrain": {"gpus": 2, "strategy": strategy}})
-    # checkpoint_every 3: the checkpoint save (a collective gather under FSDP) runs twice.
-    result = run_until(factory, "pretrain", pretrain={**FAST_PRETRAIN, "tokens": 16_384, "checkpoint_every": 3})["pretrain"]
+def check_launch(result, strategy: str) -> None:
+    """What the multi-GPU launch path promises: two processes under `strategy`, the effective batch
+    kept, a model that learned, and an unsharded export that loads as a plain model."""
     m = result.record.metrics
     assert m["processes"] == 2 and m["strategy"] == strategy
     assert m["batch_tokens_effective"] == 2048  # the effective batch is kept across processes
     assert m["val_loss_final"] < m["val_loss_initial"]
     assert (result.record.files.keys() >= {"model/model.safetensors", "model/config.json", "loss_curve.csv"})
-    from transformers import AutoModelForCausalLM  # the unsharded export loads as a plain model
+    from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(Path(result.path) / "model")
+
+
+def test_two_processes_through_torchrun_under_ddp(tmp_path):
+    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP (FSDP's is the clean run
+    of the kill test above, whose checkpoint save, a collective gather, runs every 4 of its 16 steps)."""
+    factory = tiny_project(tmp_path, resources={"pretrain": {"gpus": 2, "strategy": "ddp"}})
+    result = run_until(factory, "pretrain", pretrain={**FAST_PRETRAIN, "tokens": 16_384, "checkpoint_every": 3})["pretrain"]
+    check_launch(result, "ddp")
