@@ -216,6 +216,25 @@ def tiny_store(request, tmp_path_factory) -> Path:
     return store
 
 
+@pytest.fixture(scope="session")
+def one_layer_minilm(tmp_path_factory) -> Path:
+    """The default embedder cut to its first of six layers (its tokenizer, word embeddings, pooling
+    and normalisation kept), as an `index.embedder` folder: for tests about where a run writes or
+    what shape its metrics have, not how well RAG retrieves. It embeds several times faster than
+    the whole model, which costs a full run ~20 s on one core."""
+    from transformers import AutoConfig, AutoModel
+
+    from eval.rag import default_embedder_path
+
+    source = default_embedder_path()
+    folder = tmp_path_factory.mktemp("one-layer-minilm")
+    shutil.copytree(source, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", "README.md"))
+    config = AutoConfig.from_pretrained(source)
+    config.num_hidden_layers = 1
+    AutoModel.from_pretrained(source, config=config).save_pretrained(folder)  # config.json with it
+    return folder
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules in the order that keeps both xdist workers busy: the one that builds the session's
     tiny store (the four runs) first, the modules that need no tiny store next, those that wait for
@@ -254,7 +273,8 @@ def wait_healthy(api: str, proc: subprocess.Popen, timeout: float, logs: Callabl
     raise AssertionError(f"no healthy Prefect server after {timeout} s\n{logs()}")
 
 
-def assert_task_states(flow_run_id, expected: dict[str, str], only: set[str] | None = None, timeout: float = 60) -> None:
+def assert_task_states(flow_run_id, expected: dict[str, str], only: set[str] | None = None,
+                       timeout: float = 60) -> None:
     """The task runs of a flow run (those named in `only`, if given), as the Prefect server records
     them, are `expected` (name -> state name), within `timeout` seconds. Prefect 3 sends task-run
     states to the server as events, which it records asynchronously: a read right after the flow

@@ -1,4 +1,4 @@
-"""The flows under a Prefect test server: a rerun's task runs are Cached, transient failures are
+"""The flows on the session's Prefect server: a rerun's task runs are Cached, transient failures are
 retried (and nothing else), the one-stage flow, and deployment mode's checks before it needs a
 server with workers (tests/flows/test_server.py runs it on one)."""
 
@@ -9,7 +9,6 @@ import time
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 from data_specs.errors import GateFailed, InputError, StageError, TransientError
 from flows.pipeline import gristmill_pipeline, gristmill_stage
@@ -21,8 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
+def harness(prefect_server):
+    """The flows of this module run against the session's Prefect server (tests/conftest.py), set
+    in Prefect's settings: Prefect read them when first imported, before the server's URL was in
+    the environment. (prefect_test_harness started a server of its own: ~18 s.)"""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    assert prefect_server, "the session's Prefect server is started for `slow` tests"
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
         yield
 
 

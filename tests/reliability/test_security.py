@@ -226,11 +226,16 @@ def cli_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli_in_process(args: list[str]) -> tuple[int, str]:
     """(exit code, stderr) of `gristmill ARGS` run by its entry point in this process: the same
     parsing, planning and Prefect flow as the command, without starting an interpreter and a
-    Prefect server per call (on 2 loaded cores that is 20-40 s each)."""
+    Prefect server per call (on 2 loaded cores that is 20-40 s each). The flow runs on the session's
+    server (tests/conftest.py), set in Prefect's settings: Prefect read them when first imported,
+    before the server's URL was in the environment, and the CLI would start a server of its own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.cli import main
 
     out, err = io.StringIO(), io.StringIO()  # never closed: Prefect's console handler may keep the first it sees
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            temporary_settings({PREFECT_API_URL: os.environ.get("PREFECT_API_URL")}):
         code = main(args)
     return code, err.getvalue()
 
@@ -393,7 +398,8 @@ HOSTILE_DOCS = [{"id": "../../../../escape-by-id", "text": doc_text(7)},
 
 
 @pytest.mark.slow
-def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, side: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, side: Path, tmp_path: Path,  # noqa: F811
+                                                            one_layer_minilm: Path) -> None:
     """Every stage through the CLI, qa by the openai generator (a live fake endpoint) with
     the key in the environment variable the spec names, document ids and paths shaped like
     escapes. Then: the folders around the store are as they were, and the key (raw or base64)
@@ -411,6 +417,7 @@ def test_a_full_run_writes_only_to_its_store_and_never_the_key(server, side: Pat
         {"kind": "jsonl", "path": "../project/data/./*.jsonl", "text_field": "text", "id_field": "id"}]},
         "qa": {"generator": "openai", "per_doc": 1, "paraphrases": 1, "openai": {
             "base_url": base_url, "model": "fake", "api_key_env": KEY_ENV, "chunk_chars": 400, "timeout_s": 20}},
+        "index": {**SMALLEST["index"], "embedder": str(one_layer_minilm)},  # a user's embedder folder, read only
         "eval": {**SMALLEST["eval"], "questions": "../project/questions.jsonl"}}))
     store = sandbox / "store"
     env = isolated_env(side, **{KEY_ENV: KEY})

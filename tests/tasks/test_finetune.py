@@ -92,10 +92,12 @@ def test_unknown_lora_target_lists_the_model_modules(tuned):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tuned):
+def evaluated(tuned, one_layer_minilm):
     factory, results = tuned
-    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
-                           "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
+    # Every eval below plans with this index section (the metrics' shape is checked, not RAG's quality).
+    index = {"chunk_words": 32, "overlap": 8, "embedder": str(one_layer_minilm)}
+    factory.sections = {**factory.sections, "index": index}
+    spec = factory.load(**{**factory.sections, "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
     for row in plan(spec, factory.store):
         if row.name in ("index", "reader", "eval"):
             results[row.name] = execute(row, spec, factory.store)
@@ -157,8 +159,8 @@ def test_each_arm_answers_with_the_model_it_claims(evaluated):
     from tasks.registry import PIPELINE
 
     factory, results = evaluated
-    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
-                           "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300, "arms": ["finetuned", "reader"]}})
+    spec = factory.load(**{**factory.sections, "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300,
+                                                        "arms": ["finetuned", "reader"]}})
     row = next(r for r in plan(spec, factory.store) if r.name == "eval")
     stage = PIPELINE.get("eval")
     inputs = _inputs(row, stage, spec, factory.store, PIPELINE, Placement())
@@ -215,8 +217,7 @@ def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
     factory, _ = evaluated
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "What is the grammar rule for `if_stmt`?", "answer": "\\"if\\" expression"}\n')
-    spec_path = factory.write(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
-                                 "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
+    spec_path = factory.write(**{**factory.sections, "eval": {"k": 3, "max_new_tokens": 16, "bootstrap": 300}})
     run = prepare_run(spec_path, str(factory.store.root), only="eval",
                       override=json.dumps({"eval": {"score_questions": str(questions)}}))
     assert [r.name for r in run.stages] == ["eval"] and not run.stages[0].cached
@@ -226,8 +227,7 @@ def test_eval_on_a_new_question_file_reuses_every_model(evaluated, tmp_path):
 
 def test_a_later_eval_of_the_same_run_shows_what_changed(evaluated):
     factory, results = evaluated
-    spec = factory.load(**{**factory.sections, "index": {"chunk_words": 32, "overlap": 8},
-                           "eval": {"k": 2, "max_new_tokens": 16, "bootstrap": 300}})
+    spec = factory.load(**{**factory.sections, "eval": {"k": 2, "max_new_tokens": 16, "bootstrap": 300}})
     row = [r for r in plan(spec, factory.store) if r.name == "eval"][0]
     later = execute(row, spec, factory.store)
     from tasks.run_report import publish_run_report
