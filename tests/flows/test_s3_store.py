@@ -2,9 +2,10 @@
 server mode on 127.0.0.1), reached through the real client stack (s3fs → aiobotocore → HTTP).
 
 The bucket starts seeded from the session's tiny store (tests/conftest.py `seed_store`) with
-tiny's training stages and its index, which every run finds Cached. The first run still builds the
-other six on S3 (ingest, dedup, quality, tokenizer, qa, eval): each downloads its inputs, seeded ones among them,
-and publishes its artifact to the bucket."""
+tiny's model stages, index and eval, which every run finds Cached. The first run still builds the
+other five on S3 (ingest, dedup, quality, tokenizer, qa), each publishing its artifact to the
+bucket; the last one rebuilds eval alone (`--only eval --force eval`), which downloads its four
+inputs from the bucket (dpo's and the reader's models and the index seeded, qa's pairs built here)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.conftest import REPO, S3_BUCKET, TINY, TINY_STORE_TIMEOUT_S, s3_clien
 pytestmark = pytest.mark.slow
 
 BUCKET = S3_BUCKET
-SEEDED = {"pretrain", "midtrain", "sft", "dpo", "reader", "index"}
+SEEDED = {"pretrain", "midtrain", "sft", "dpo", "reader", "index", "eval"}
 
 
 def gristmill(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
