@@ -29,11 +29,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/gristmill run data_specs/python_docs.yaml
 
-# Two pytest-xdist workers, a test module to a worker (tests/conftest.py says why); TEST_WORKERS=0
-# runs the suite in this one process.
+# Two pytest-xdist workers, a test module to a worker, in the order tests/conftest.py gives them
+# (it says why); TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The kill trials past the one round `make test` runs: three rounds give every stage each of its kill
 # points (RELIABILITY.md); the trial table is printed and kept in kills.json.

@@ -235,20 +235,44 @@ def one_layer_minilm(tmp_path_factory) -> Path:
     return folder
 
 
+# What the heavy modules cost (seconds of test phases, summed over both workers, at da96333 on the
+# 2-core machine): the order below runs the long ones first and leaves short ones for the end.
+MODULE_SECONDS = {
+    "tests/reliability/test_kill.py": 345, "tests/flows/test_server.py": 278,
+    "tests/reliability/test_security.py": 142, "tests/flows/test_s3_store.py": 118,
+    "tests/tasks/train/test_distributed.py": 109, "tests/flows/test_cli.py": 108,
+    "tests/flows/test_pipeline.py": 103, "tests/tasks/test_finetune.py": 94,
+    "tests/tasks/train/test_time_limit.py": 86, "tests/tasks/data/test_engine_ray.py": 67,
+    "tests/reliability/test_fuzz.py": 45, "tests/tasks/core/test_fingerprint.py": 44,
+    "tests/tasks/test_pretrain.py": 42, "tests/tasks/data/test_engine_ray_cluster.py": 34,
+    "tests/tasks/test_midtrain.py": 33, "tests/tasks/test_qa.py": 33, "tests/tasks/test_dedup.py": 32,
+    "tests/reliability/test_disk.py": 29, "tests/tasks/core/test_graph.py": 29,
+    "tests/tasks/core/test_lease.py": 26,
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules in the order that keeps both xdist workers busy: the one that builds the session's
-    tiny store (the four runs) first, the modules that need no tiny store next, those that wait for
-    it last; a module's own tests keep their order. In collection order one worker sat ~85 s on the
-    store's lock while the other built it."""
+    """Modules in the order that keeps both xdist workers busy to the end (`make test` passes
+    --no-loadscope-reorder, or xdist would order them by their number of tests): the one that
+    builds the session's tiny store (the four runs) first; then the heavy modules (MODULE_SECONDS)
+    that need no tiny store, then those that wait for it (by then it is built), each group longest
+    first; the light modules last, small pieces that even out the workers' ends. A module's own
+    tests keep their order. In collection order one worker sat ~85 s on the store's lock."""
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
     needs: dict[str, set[str]] = {}
     for item in items:
         needs.setdefault(module(item), set()).update({"four_runs", "tiny_store"} & set(item.fixturenames))
-    rank = {m: 0 if "four_runs" in n else 2 if "tiny_store" in n else 1 for m, n in needs.items()}
+
+    def rank(m: str) -> int:
+        if "four_runs" in needs[m]:
+            return 0
+        return 2 if "tiny_store" in needs[m] else 1 if m in MODULE_SECONDS else 3
+
     position = {m: i for i, m in enumerate(needs)}
-    items.sort(key=lambda item: (rank[module(item)], position[module(item)]))
+    items.sort(key=lambda item: (rank(module(item)), -MODULE_SECONDS.get(module(item), 0),
+                                 position[module(item)]))
 
 
 def free_port() -> int:
