@@ -6,8 +6,8 @@ gates, and `seed_store` for end-to-end runs that need only some), a moto S3 serv
 `make test` runs the suite in two pytest-xdist workers (`--dist loadfile`: a module's tests and
 its module fixtures stay in one worker). Half of a 2-core machine idles in a serial run (process
 start-ups and imports are single-threaded; 49% busy over test_cli + test_pipeline): the suite
-took 25 min 49 s serially and 17-19 min (four runs) in two workers computing on one thread each
-(fresh clones, the same quiet machine). What a session builds once, the tiny store and the four
+took 25 min 49 s serially and 16-19 min (seven runs, 16 min 15 s at 6899135) in two workers
+computing on one thread each (fresh clones, the same machine); three workers were no faster. What a session builds once, the tiny store and the four
 simultaneous runs, is built once for both workers: in a folder they share (`shared_folder`), by
 whichever worker takes its lock (the store's build lock) first."""
 
