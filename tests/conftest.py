@@ -6,8 +6,9 @@ gates, and `seed_store` for end-to-end runs that need only some), a moto S3 serv
 `make test` runs the suite in two pytest-xdist workers (`--dist loadfile`: a module's tests and
 its module fixtures stay in one worker). Half of a 2-core machine idles in a serial run (process
 start-ups and imports are single-threaded; 49% busy over test_cli + test_pipeline): the suite
-took 25 min 49 s serially and 16-19 min (seven runs, 16 min 15 s at 6899135) in two workers
-computing on one thread each (fresh clones, the same machine); three workers were no faster. What a session builds once, the tiny store and the four
+took 25 min 49 s serially and 16 min 15 s to 21 min 21 s in two workers computing on one thread
+each (nine runs from fresh clones on one machine whose speed varies; 16 min 15 s at 6899135);
+three workers were no faster. What a session builds once, the tiny store and the four
 simultaneous runs, is built once for both workers: in a folder they share (`shared_folder`), by
 whichever worker takes its lock (the store's build lock) first."""
 
@@ -297,23 +298,28 @@ def wait_healthy(api: str, proc: subprocess.Popen, timeout: float, logs: Callabl
     raise AssertionError(f"no healthy Prefect server after {timeout} s\n{logs()}")
 
 
+def task_runs(flow_run_id) -> list:
+    """The task runs of a flow run, as the Prefect server (of the current settings) records them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
 def assert_task_states(flow_run_id, expected: dict[str, str], only: set[str] | None = None,
                        timeout: float = 60) -> None:
     """The task runs of a flow run (those named in `only`, if given), as the Prefect server records
     them, are `expected` (name -> state name), within `timeout` seconds. Prefect 3 sends task-run
     states to the server as events, which it records asynchronously: a read right after the flow
     returned once saw a task run still Pending under its first name (run_stage-194) and no report."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            states = {run.name: run.state.name for run in runs if run.state and (only is None or run.name in only)}
-            if states == expected or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+    while True:
+        states = {run.name: run.state.name for run in task_runs(flow_run_id)
+                  if run.state and (only is None or run.name in only)}
+        if states == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert states == expected
 
 

@@ -7,14 +7,12 @@ import threading
 import time
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from data_specs.errors import GateFailed, InputError, StageError, TransientError
 from flows.pipeline import gristmill_pipeline, gristmill_stage
 from tasks.core.runner import StageResult, plan
 from tasks.registry import PIPELINE
-from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, assert_task_states, finetuned_f1, tiny_copy
+from tests.conftest import TINY_STORE_TIMEOUT_S, SpecFactory, assert_task_states, finetuned_f1, task_runs, tiny_copy
 
 pytestmark = pytest.mark.slow
 
@@ -186,8 +184,7 @@ def test_transient_failure_is_retried(harness, project, monkeypatch, failure):
     assert [r.state for r in state.result()] == ["built"]
     assert calls == ["ingest", "ingest"]
     assert_task_states(state.state_details.flow_run_id, {"ingest": "Completed"})
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    runs = task_runs(state.state_details.flow_run_id)
     assert [(r.name, r.state.name, r.run_count) for r in runs] == [("ingest", "Completed", 2)]
 
 

@@ -40,6 +40,7 @@ from tests.conftest import (
     assert_task_states,
     free_port,
     seed_store,
+    task_runs,
     wait_healthy,
 )
 
@@ -219,14 +220,6 @@ def trigger_nightly(store: Path) -> Any:
     return run_deployment(NIGHTLY, parameters={"spec_path": "data_specs/tiny.yaml", "store": str(store),
                                                "gpu_deployment": STAGE_DEPLOYMENT, "gpu_device": GPU_DEVICE},
                           timeout=0)
-
-
-def task_runs(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 def stage_flow_runs() -> list:
