@@ -283,12 +283,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(api: str, proc: subprocess.Popen, timeout: float, logs: Callable[[], str]) -> None:
-    """Waits until the Prefect server `proc` started answers on `api`; fails with its `logs()`
-    if it exits or is not healthy after `timeout` seconds."""
+def wait_healthy(api: str, proc: subprocess.Popen | None, timeout: float, logs: Callable[[], str]) -> None:
+    """Waits until the Prefect server `proc` started (None: one another process started) answers
+    on `api`; fails with its `logs()` if it exits or is not healthy after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the Prefect server exited:\n{logs()}"
+        assert proc is None or proc.poll() is None, f"the Prefect server exited:\n{logs()}"
         try:
             with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
                 if r.status == 200:
@@ -323,37 +323,89 @@ def assert_task_states(flow_run_id, expected: dict[str, str], only: set[str] | N
     assert states == expected
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
-    """One Prefect server for a session that runs end-to-end (`slow`) tests, with
-    PREFECT_API_URL set for this process and the CLI subprocesses it starts (None otherwise:
-    a run then starts Prefect's temporary server, which is slower, not different). Its log
-    is in the session's temp folder; a server that does not come up fails the session."""
-    if not any(item.get_closest_marker("slow") for item in request.session.items):
-        yield None
-        return
-    log = tmp_path_factory.mktemp("prefect-server") / "server.log"
+# The session's Prefect server runs only what the tests use: the services that record task runs
+# (event persister, task-run recorder), none of those that poll the database for work on a
+# schedule (late runs, foremen, cancellations, pauses, repossession, automations). Those cost an
+# idle server 3.4% of a core; it uses 1.9% without them.
+SESSION_SERVER_SERVICES_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS",
+                               "REPOSSESSOR", "CLEANUP_RECONCILER", "TRIGGERS")
+# Set by the xdist controller for its workers: "api-url|server log" of the one server they share.
+SHARED_SERVER_ENV = "GRISTMILL_TEST_PREFECT_SERVER"
+
+
+def start_session_server(log: Path) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free port, its output in `log`, in a session of its own (so a
+    signal to a test's process group does not stop it); (process, API URL). Not waited for."""
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+           **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in SESSION_SERVER_SERVICES_OFF}}
     env.pop("PREFECT_API_URL", None)
     with log.open("wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                                  "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}/api"
+
+
+def stop_session_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+SERVER_KEY = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the controller of xdist workers: starts the one Prefect server every worker's session
+    uses (one server's start-up and idle polling less than a server per worker). Skipped when
+    the run deselects the slow tests, which never use it."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if "not slow" in (config.option.markexpr or ""):
+        return
+    log = Path(tempfile.mkdtemp(prefix="gristmill-prefect-server-")) / "server.log"
+    proc, api = start_session_server(log)
+    config.stash[SERVER_KEY] = proc
+    os.environ[SHARED_SERVER_ENV] = f"{api}|{log}"  # the workers, started after this, inherit it
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    proc = config.stash.get(SERVER_KEY, None)
+    if proc is not None:
+        stop_session_server(proc)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
+    """One Prefect server for a session that runs end-to-end (`slow`) tests, with
+    PREFECT_API_URL set for this process and the CLI subprocesses it starts (None otherwise:
+    a run then starts Prefect's temporary one, which is slower, not different). Under xdist the
+    controller started it for every worker (`pytest_configure`); else this session starts it, its
+    log in the session's temp folder. A server that does not come up fails the session."""
+    if not any(item.get_closest_marker("slow") for item in request.session.items):
+        yield None
+        return
+    shared = os.environ.get(SHARED_SERVER_ENV)
+    if shared:
+        api, log_path = shared.split("|", 1)
+        wait_healthy(api, None, SERVER_STARTUP_TIMEOUT_S, lambda: Path(log_path).read_text()[-3000:])
+        os.environ["PREFECT_API_URL"] = api
+        yield api
+        os.environ.pop("PREFECT_API_URL", None)
+        return
+    log = tmp_path_factory.mktemp("prefect-server") / "server.log"
+    proc, api = start_session_server(log)
     try:
         wait_healthy(api, proc, SERVER_STARTUP_TIMEOUT_S, lambda: log.read_text()[-3000:])
         os.environ["PREFECT_API_URL"] = api
         yield api
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_session_server(proc)
 
 
 @pytest.fixture

@@ -55,6 +55,31 @@ def test_the_cache_encodes_only_new_texts_and_returns_fresh_vectors(minilm, tmp_
     assert np.array_equal(warm, embedder.encode(TEXTS)) and np.array_equal(cold, warm[[0, 1, 2, 0]])
 
 
+def test_a_build_killed_midway_keeps_what_it_embedded(minilm, tmp_path, monkeypatch):
+    """Vectors are saved a shard per SAVE_EVERY texts as they are encoded: a build that dies in its
+    third piece leaves the first two cached, and the rerun encodes only the rest."""
+    monkeypatch.setattr("eval.embedding.SAVE_EVERY", 2)
+    embedder = Embedder(minilm.model, EmbeddingSettings())
+    calls = []
+
+    def dies_in_the_third_piece(texts, on_done=None):
+        calls.append(list(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands for the SIGKILL of the kill trials (tests/reliability/test_kill.py)
+        return embedder.encode(texts, on_done)
+
+    dying = Embedder(minilm.model, EmbeddingSettings())
+    dying.encode = dies_in_the_third_piece
+    texts = TEXTS + [t.upper() for t in TEXTS]
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddingCache(tmp_path).embed(dying, texts)
+    assert calls == [texts[0:2], texts[2:4], texts[4:6]] and len(list(tmp_path.glob("*.npz"))) == 2
+    progress = []
+    rerun, n = EmbeddingCache(tmp_path).embed(embedder, texts, progress.append)
+    assert n == len(texts) - 4 and progress == [2, 4, 6]  # counted over the texts this run encodes
+    assert np.array_equal(rerun, embedder.encode(texts))
+
+
 def test_shards_merge_and_broken_ones_are_ignored(minilm, tmp_path):
     embedder = Embedder(minilm.model, EmbeddingSettings())
     for i in range(MAX_SHARDS + 2):

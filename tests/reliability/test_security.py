@@ -291,6 +291,17 @@ def flow_run_parameters(prefect_home: Path) -> list[dict[str, Any]]:
         return [json.loads(row[0]) for row in db.execute("select parameters from flow_run")]
 
 
+def session_flow_runs(spec: Path) -> list:
+    """The flow runs of `spec` (by its spec_path parameter) on the session's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200, sort=FlowRunSort.EXPECTED_START_TIME_DESC)
+    return [run for run in runs if run.parameters.get("spec_path") == str(spec)]
+
+
 @pytest.mark.slow
 def test_remote_code_runs_only_with_the_cli_flag(cli_project: Path, side: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = cli_project / "remote-code-ran"
@@ -305,12 +316,15 @@ def test_remote_code_runs_only_with_the_cli_flag(cli_project: Path, side: Path, 
     assert not marker.exists()
 
     # With the flag, in a process of its own: the folder's code is imported (and copied into
-    # HF_MODULES_CACHE, here a temp folder), so the marker appears and pretrain builds.
-    proc = gristmill([*args, "--trust-remote-code"], isolated_env(side), cli_project)
+    # HF_MODULES_CACHE, here a temp folder), so the marker appears and pretrain builds. Its flow
+    # runs on the session's Prefect server (a temporary one costs ~20 s of CPU on 2 cores).
+    before = {run.id for run in session_flow_runs(spec)}
+    proc = gristmill([*args, "--trust-remote-code"], isolated_env(side, PREFECT_API_URL=os.environ["PREFECT_API_URL"]),
+                     cli_project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.read_text() == "the folder's code ran"
     # The flag travelled as a Prefect flow parameter (the spec file has no such field).
-    assert [p.get("trust_remote_code") for p in flow_run_parameters(side / "prefect")] == [True]
+    assert [run.parameters.get("trust_remote_code") for run in session_flow_runs(spec) if run.id not in before] == [True]
 
 
 def test_a_spec_cannot_allow_remote_code_but_the_cli_can(tmp_path: Path) -> None:
