@@ -19,13 +19,13 @@ pytestmark = pytest.mark.slow
 
 def test_killed_fsdp_pretrain_resumes_from_its_checkpoint(tmp_path):
     """Two torchrun processes under FSDP, killed after a checkpoint, resume to where a clean run
-    ends. (One process killed through the CLI is tests/reliability/test_kill.py's pretrain trial.)"""
+    in one process ends: the effective batch is kept across processes, so they train the same
+    model. (One process killed through the CLI is tests/reliability/test_kill.py's pretrain trial.)"""
     # 16 steps, a checkpoint every 4: the kill lands after the first with most of the run still ahead.
-    extra = {"resources": {"pretrain": {"gpus": 2, "strategy": "fsdp"}},
-             "pretrain": {**FAST_PRETRAIN, "tokens": 32_768, "eval_every": 4, "checkpoint_every": 4}}
-    clean_run = run_until(tiny_project(tmp_path / "clean", **extra), "pretrain")["pretrain"]
-    check_launch(clean_run, "fsdp")  # the clean run is also the FSDP launch test (a torchrun start-up less)
-    clean = clean_run.record.metrics
+    pretrain = {"pretrain": {**FAST_PRETRAIN, "tokens": 32_768, "eval_every": 4, "checkpoint_every": 4}}
+    extra = {"resources": {"pretrain": {"gpus": 2, "strategy": "fsdp"}}, **pretrain}
+    clean = run_until(tiny_project(tmp_path / "clean", **pretrain), "pretrain")["pretrain"].record.metrics
+    assert clean["processes"] == 1
 
     factory = tiny_project(tmp_path / "killed", **extra)
     run_until(factory, "tokenizer")
@@ -45,7 +45,9 @@ def test_killed_fsdp_pretrain_resumes_from_its_checkpoint(tmp_path):
 
     spec = factory.load(**factory.sections)
     row = [r for r in plan(spec, factory.store) if r.name == "pretrain"][0]
-    m = execute(row, spec, factory.store).record.metrics
+    resumed = execute(row, spec, factory.store)
+    check_launch(resumed, "fsdp")  # the resumed run is also the FSDP launch test (a torchrun start-up less)
+    m = resumed.record.metrics
     assert m["resumed_from_step"] >= 4
     # The data order depends only on the step, so the resumed run ends where a clean one does.
     assert m["steps"] == clean["steps"] and m["tokens_seen"] == clean["tokens_seen"]
@@ -68,8 +70,8 @@ def check_launch(result, strategy: str) -> None:
 
 
 def test_two_processes_through_torchrun_under_ddp(tmp_path):
-    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP (FSDP's is the clean run
-    of the kill test above, whose checkpoint save, a collective gather, runs every 4 of its 16 steps)."""
+    """The multi-GPU launch path, on CPU: torchrun, two processes, gloo, DDP (FSDP's is the resumed
+    run of the kill test above, whose checkpoint save, a collective gather, runs every 4 of its 16 steps)."""
     factory = tiny_project(tmp_path, resources={"pretrain": {"gpus": 2, "strategy": "ddp"}})
     result = run_until(factory, "pretrain", pretrain={**FAST_PRETRAIN, "tokens": 16_384, "checkpoint_every": 3})["pretrain"]
     check_launch(result, "ddp")
