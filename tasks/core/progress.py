@@ -52,7 +52,11 @@ class Progress:
 
 
 def _prefect_progress(label: str, start: float):
-    """A Prefect progress artifact when this runs inside a task run; None otherwise."""
+    """A Prefect progress artifact when this runs inside a task run; None otherwise. A process that
+    has not imported Prefect is in no task run: it is not imported for the question (~2.5 s of CPU
+    in each torchrun process, killable.py's runs, and any use of tasks.core.runner without Prefect)."""
+    if "prefect" not in sys.modules:
+        return None
     try:
         from prefect.artifacts import create_progress_artifact
         from prefect.context import TaskRunContext
