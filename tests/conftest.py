@@ -7,7 +7,7 @@ gates, and `seed_store` for end-to-end runs that need only some), a moto S3 serv
 its module fixtures stay in one worker). Half of a 2-core machine idles in a serial run (process
 start-ups and imports are single-threaded; 49% busy over test_cli + test_pipeline): the suite
 took 25 min 49 s serially and, in two workers computing on one thread each, 16 min 02 s to
-21 min 21 s up to 0e89674 and 14 min 41 s at 6abdda2 (fresh clones on one machine whose speed
+21 min 21 s up to 0e89674, 14 min 41 s at 6abdda2 and 13 min 54 s at a857f5b (fresh clones on one machine whose speed
 varies); three workers were no faster. What a session builds once, the tiny store and the four
 simultaneous runs, is built once for both workers: in a folder they share (`shared_folder`), by
 whichever worker takes its lock (the store's build lock) first; the one Prefect server they use
