@@ -3,15 +3,15 @@ tiny.yaml store per session for the tests that need every stage (reliability, th
 gates, and `seed_store` for end-to-end runs that need only some), a moto S3 server, and the
 "gristmill" log.
 
-`make test` runs the suite in two pytest-xdist workers (`--dist loadfile`: a module's tests and
-its module fixtures stay in one worker). Half of a 2-core machine idles in a serial run (process
-start-ups and imports are single-threaded; 49% busy over test_cli + test_pipeline): the suite
-took 25 min 49 s serially and, in two workers computing on one thread each, 16 min 02 s to
-21 min 21 s up to 0e89674, 14 min 41 s at 6abdda2 and 13 min 54 s at a857f5b (fresh clones on one machine whose speed
-varies); three workers were no faster. What a session builds once, the tiny store and the four
+`make test` runs the suite in two pytest-xdist workers (`--dist loadfile`: a module's tests and its
+module fixtures stay in one worker). Half of a 2-core machine idles in a serial run (process
+start-ups and imports are single-threaded; 49% busy over test_cli + test_pipeline): the suite took
+25 min 49 s serially and, in two workers computing on one thread each, 16 min 02 s to 21 min 21 s up
+to 0e89674, 14 min 41 s at 6abdda2 and 13 min 54 s at a857f5b (fresh clones on one machine whose
+speed varies); three workers were no faster. What a session builds once, the tiny store and the four
 simultaneous runs, is built once for both workers: in a folder they share (`shared_folder`), by
-whichever worker takes its lock (the store's build lock) first; the one Prefect server they use
-is started by xdist's controller (`pytest_configure`)."""
+whichever worker takes its lock (the store's build lock) first; the one Prefect server they use is
+started by xdist's controller (`pytest_configure`)."""
 
 from __future__ import annotations
 
@@ -391,22 +391,20 @@ def prefect_server(request, tmp_path_factory) -> Iterator[str | None]:
         yield None
         return
     shared = os.environ.get(SHARED_SERVER_ENV)
-    if shared:
+    if shared:  # the controller's: it stops it
         api, log_path = shared.split("|", 1)
-        wait_healthy(api, None, SERVER_STARTUP_TIMEOUT_S, lambda: Path(log_path).read_text()[-3000:])
-        os.environ["PREFECT_API_URL"] = api
-        yield api
-        os.environ.pop("PREFECT_API_URL", None)
-        return
-    log = tmp_path_factory.mktemp("prefect-server") / "server.log"
-    proc, api = start_session_server(log)
+        proc, log = None, Path(log_path)
+    else:
+        log = tmp_path_factory.mktemp("prefect-server") / "server.log"
+        proc, api = start_session_server(log)
     try:
         wait_healthy(api, proc, SERVER_STARTUP_TIMEOUT_S, lambda: log.read_text()[-3000:])
         os.environ["PREFECT_API_URL"] = api
         yield api
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        stop_session_server(proc)
+        if proc is not None:
+            stop_session_server(proc)
 
 
 @pytest.fixture
